@@ -1,0 +1,64 @@
+"""The multi-head attribute classifier: a backbone, global average pooling, one head per group."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from app.nets.backbones import build_backbone
+from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from app.schema import ATTRIBUTE_GROUPS
+
+
+def _default_heads() -> dict[str, int]:
+    return {g.name: g.num_classes for g in ATTRIBUTE_GROUPS}
+
+
+@dataclass
+class AttributeNetConfig:
+    """Everything needed to rebuild the network; stored in the bundle manifest."""
+
+    backbone: str = "mobilenet_v2"
+    input_size: tuple[int, int] = (256, 128)  # (height, width)
+    heads: dict[str, int] = field(default_factory=_default_heads)
+    dropout: float = 0.2
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> AttributeNetConfig:
+        """Rebuild from a manifest (JSON turns tuples into lists)."""
+        d = dict(data)
+        for key in ("input_size", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+class AttributeNet(nn.Module):
+    """Backbone + GAP + {group: Dropout + Linear}; ``forward`` returns logits per group."""
+
+    def __init__(self, config: AttributeNetConfig, init_weights: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        parts = build_backbone(config.backbone, init_weights=init_weights)
+        self.normalize = Normalize(config.mean, config.std)
+        self.trunk = parts.trunk
+        self.last_stage = parts.last_stage
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(parts.channels, n))
+                for name, n in config.heads.items()
+            }
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.last_stage(self.trunk(self.normalize(images)))
+        feat = self.pool(x).flatten(1)
+        return {name: head(feat) for name, head in self.heads.items()}

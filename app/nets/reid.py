@@ -1,0 +1,120 @@
+"""The report's two-branch re-ID network: a shared trunk, the last stage duplicated, avg and max pooling.
+
+Each branch: last stage -> global pooling -> (optional linear reduction) -> feature f used by the
+triplet loss -> BatchNorm neck -> identity classifier (training only). In eval mode the network returns
+only the embedding: both branches' neck features concatenated and L2-normalised.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.nets.backbones import build_backbone
+from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+
+@dataclass
+class ReIDNetConfig:
+    """Everything needed to rebuild the network; stored in the bundle manifest."""
+
+    backbone: str = "mobilenet_v2"
+    input_size: tuple[int, int] = (256, 128)  # (height, width)
+    num_classes: int = 0  # identities seen in training; 0 builds no classifier (inference only)
+    last_stride: int = 2
+    # Per-branch feature size after a learned linear reduction; None keeps the backbone's channels.
+    branch_dim: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ReIDNetConfig:
+        """Rebuild from a manifest (JSON turns tuples into lists)."""
+        d = dict(data)
+        for key in ("input_size", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+@dataclass
+class ReIDTrainOutput:
+    """What a training step needs: pooled features for the triplet loss, logits for the ID loss."""
+
+    features: dict[str, torch.Tensor]  # branch name ('avg' / 'max') -> (B, D)
+    logits: dict[str, torch.Tensor]  # branch name -> (B, num_classes); empty without classifier
+
+
+class Branch(nn.Module):
+    """One branch: its own copy of the last stage, pooling, reduction, BN neck, classifier."""
+
+    def __init__(
+        self, stage: nn.Module, pool: nn.Module, channels: int, dim: int | None, classes: int
+    ) -> None:
+        super().__init__()
+        self.stage = stage
+        self.pool = pool
+        self.reduce = nn.Linear(channels, dim, bias=False) if dim else nn.Identity()
+        out = dim or channels
+        self.neck = nn.BatchNorm1d(out)
+        self.neck.bias.requires_grad_(False)  # BNNeck (Luo et al.): no shift before the classifier
+        self.classifier = nn.Linear(out, classes, bias=False) if classes else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.reduce(self.pool(self.stage(x)).flatten(1))
+        return feat, self.neck(feat)
+
+
+class ReIDNet(nn.Module):
+    """Shared trunk + avg-pool branch + max-pool branch."""
+
+    def __init__(self, config: ReIDNetConfig, init_weights: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        parts = build_backbone(
+            config.backbone, init_weights=init_weights, last_stride=config.last_stride
+        )
+        self.normalize = Normalize(config.mean, config.std)
+        self.trunk = parts.trunk
+        dim, classes = config.branch_dim, config.num_classes
+        self.branches = nn.ModuleDict(
+            {
+                "avg": Branch(
+                    parts.last_stage, nn.AdaptiveAvgPool2d(1), parts.channels, dim, classes
+                ),
+                "max": Branch(
+                    copy.deepcopy(parts.last_stage),
+                    nn.AdaptiveMaxPool2d(1),
+                    parts.channels,
+                    dim,
+                    classes,
+                ),
+            }
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        return 2 * (self.config.branch_dim or self._channels())
+
+    def _channels(self) -> int:
+        return self.branches["avg"].neck.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | ReIDTrainOutput:
+        shared = self.trunk(self.normalize(images))
+        outputs = {name: branch(shared) for name, branch in self.branches.items()}
+        if not self.training:
+            return F.normalize(torch.cat([neck for _, neck in outputs.values()], dim=1), dim=1)
+        features = {name: feat for name, (feat, _) in outputs.items()}
+        logits = {
+            name: branch.classifier(outputs[name][1])
+            for name, branch in self.branches.items()
+            if branch.classifier is not None
+        }
+        return ReIDTrainOutput(features=features, logits=logits)

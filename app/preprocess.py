@@ -1,0 +1,57 @@
+"""Image decoding and resizing shared by training's cache and the service, so both see the same pixels."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """Bytes that are not a usable image; the message says why."""
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes with Pillow, refusing non-images, truncated files and decompression bombs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"image has {width}x{height} pixels, more than the limit of {max_pixels}"
+                    )
+                probe.verify()  # catches truncated and corrupt files before the full decode
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("image is too large (decompression bomb protection)") from None
+    except Exception as exc:  # Pillow raises many types for bad input
+        raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to (height, width) with bilinear filtering; returns a uint8 (3, H, W) tensor."""
+    height, width = size
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image_file(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """Read, decode and resize one image file; errors name the file."""
+    path = Path(path)
+    try:
+        image = decode_image(path.read_bytes())
+    except (OSError, ImageError) as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    return image_to_tensor(image, size)
