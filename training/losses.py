@@ -55,7 +55,9 @@ def triplet_loss(
     return F.relu(d_ap - d_an + margin).mean()
 
 
-def batch_hard_triplet_loss(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
+def batch_hard_triplet_loss(
+    features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3
+) -> torch.Tensor:
     """Batch-hard triplet loss (Hermans et al. 2017) on Euclidean distances.
 
     For each anchor: its farthest positive and nearest negative within the batch. Anchors without a
