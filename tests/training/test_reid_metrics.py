@@ -1,0 +1,118 @@
+"""Ranking metrics on hand-computed cases: Market-1501 exclusion, CMC, mAP, mINP, the course mAP@80."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.evaluation.reid import (
+    ReIDEvaluator,
+    _ap_at,
+    evaluate_ranking,
+    match_threshold,
+    split_query_gallery,
+)
+
+G_PIDS = [1, 2, 1, 3, 1]
+G_CAMS = [1, 2, 2, 1, 3]
+
+
+def test_hand_case():
+    # q0 = pid 1 cam 1: ranked g0 (same pid, same camera: excluded), g1 x, g2 ok, g3 x, g4 ok.
+    # q1 = pid 2 cam 2: its only gallery image g1 is from its own camera, so it is not scored.
+    # q2 = pid 3 cam 2: g3 first.
+    dist = np.array(
+        [
+            [0.0, 0.1, 0.2, 0.3, 0.4],
+            [0.5, 0.4, 0.3, 0.2, 0.1],
+            [0.9, 0.8, 0.7, 0.05, 0.6],
+        ]
+    )
+    m = evaluate_ranking(dist, [1, 2, 3], G_PIDS, [1, 2, 2], G_CAMS, max_rank=4)
+    assert m["num_queries"] == 2
+    # q0: list [0, 1, 0, 1] -> AP = (1/2 + 2/4) / 2 = 0.5, INP = 2 / 4; q2: AP = INP = 1.
+    assert m["mAP"] == pytest.approx(0.75)
+    assert m["mINP"] == pytest.approx(0.75)
+    assert m["cmc"] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert m["rank1"] == pytest.approx(0.5) and m["rank5"] == pytest.approx(1.0)
+    assert m["map80"] == pytest.approx(0.75)  # every match within 80: same as AP
+    # Keeping the same-camera match, q0's list is [1, 0, 1, 0, 1]: AP = (1 + 2/3 + 3/5) / 3.
+    assert m["map80_all_cameras"] == pytest.approx(((1 + 2 / 3 + 3 / 5) / 3 + 1) / 2)
+
+
+def test_same_camera_exclusion_changes_rank1():
+    dist = np.array([[0.0, 0.1, 0.2, 0.3, 0.4]])
+    excluded = evaluate_ranking(dist, [1], G_PIDS, [1], G_CAMS, max_rank=3)
+    other_cam = evaluate_ranking(dist, [1], G_PIDS, [5], G_CAMS, max_rank=3)  # query from camera 5
+    assert excluded["rank1"] == 0.0 and other_cam["rank1"] == 1.0
+    # From camera 5 all three pid-1 images count: list [1, 0, 1, 0, 1].
+    assert other_cam["mAP"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert other_cam["mINP"] == pytest.approx(3 / 5)
+
+
+def test_junk_is_ignored():
+    dist = np.array([[0.0, 0.1, 0.2]])
+    m = evaluate_ranking(dist, [1], [-1, 2, 1], [1], [2, 2, 2], max_rank=2)
+    assert m["mAP"] == pytest.approx(0.5) and m["cmc"] == pytest.approx([0.0, 1.0])
+
+
+def test_course_metric_truncates_at_cutoff():
+    matches = np.array([1, 0, 0, 1], dtype=bool)
+    assert _ap_at(matches, 80) == pytest.approx((1 + 2 / 4) / 2)
+    assert _ap_at(matches, 2) == pytest.approx(1 / 2)  # the second match falls outside
+    assert _ap_at(matches, 1) == pytest.approx(1.0)  # divided by min(R, cutoff) = 1
+    assert _ap_at(np.zeros(3, dtype=bool), 80) == 0.0
+    # 100 wrong images before the only match: AP = 1/101, AP@80 = 0.
+    dist = np.arange(101, dtype=np.float32)[None]
+    m = evaluate_ranking(dist, [1], [2] * 100 + [1], [1], [2] * 101)
+    assert m["mAP"] == pytest.approx(1 / 101) and m["map80"] == 0.0
+
+
+def test_no_valid_query_raises():
+    with pytest.raises(ValueError, match="no query"):
+        evaluate_ranking(np.zeros((1, 2)), [1], [1, 2], [1], [1, 1])
+
+
+def test_match_threshold_gives_one_percent_false_matches():
+    impostors = np.arange(100) / 100.0  # 0.00 .. 0.99
+    sim = np.concatenate([impostors, [0.995, 0.5, 0.999]])[None]
+    g_pids = [2] * 100 + [1, 1, 1]
+    g_cams = [1] * 100 + [2, 3, 1]  # the last genuine pair is from the query's camera
+    thr = match_threshold(sim, [1], g_pids, [1], g_cams)
+    assert 0.98 < thr["threshold"] <= 0.99
+    assert thr["false_match_rate"] == pytest.approx(0.01)
+    assert thr["true_match_rate"] == pytest.approx(0.5)
+
+
+def test_split_one_query_per_identity_and_camera():
+    pids = [1, 1, 1, 1, 2, 2, 2, 3]
+    cams = [1, 1, 2, 2, 1, 1, 1, 4]
+    q, g = split_query_gallery(pids, cams, seed=0)
+    assert sorted((pids[i], cams[i]) for i in q) == [(1, 1), (1, 2), (2, 1), (3, 4)]
+    assert sorted(np.concatenate([q, g]).tolist()) == list(range(8))
+    q2, _ = split_query_gallery(pids, cams, seed=0)
+    assert (q == q2).all()
+    assert any((split_query_gallery(pids, cams, seed=s)[0] != q).any() for s in range(1, 10))
+
+
+def test_evaluator_accumulates_batches():
+    rng = np.random.default_rng(0)
+    pids = np.repeat(np.arange(6), 8)
+    cams = np.tile([1, 2, 3, 4], 12)
+    feats = torch.nn.functional.normalize(torch.randn(48, 8) + 2 * torch.eye(8)[pids], dim=1)
+    q, _ = split_query_gallery(pids, cams, seed=1)
+    is_query = np.isin(np.arange(48), q)
+    order = rng.permutation(48)
+    ev = ReIDEvaluator(max_rank=5)
+    for part in np.array_split(order, 3):
+        ev.process(feats[part], pids[part], cams[part], is_query[part])
+    m = ev.evaluate()
+    qi, gi = np.flatnonzero(is_query), np.flatnonzero(~is_query)
+    ref = evaluate_ranking(
+        1 - (feats[qi] @ feats[gi].T).numpy(), pids[qi], pids[gi], cams[qi], cams[gi], max_rank=5
+    )
+    assert m["mAP"] == pytest.approx(ref["mAP"]) and m["mINP"] == pytest.approx(ref["mINP"])
+    assert -1 <= m["match_threshold"] <= 1
+    ev.reset()
+    assert not ev.features

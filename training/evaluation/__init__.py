@@ -1,0 +1,1 @@
+"""Evaluation: metrics and protocols for the attribute and re-ID models."""
