@@ -1,0 +1,51 @@
+"""Two-branch re-ID network: output shapes in train and eval mode for each backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.nets.reid import ReIDNet, ReIDNetConfig, ReIDTrainOutput
+
+CHANNELS = {"mobilenet_v2": 1280, "osnet_x0_25": 128, "resnet50": 2048}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "branch_dim"), [("mobilenet_v2", None), ("osnet_x0_25", None), ("resnet50", 64)]
+)
+def test_shapes_train_and_eval(backbone, branch_dim):
+    torch.manual_seed(0)
+    net = ReIDNet(ReIDNetConfig(backbone, (64, 32), num_classes=5, branch_dim=branch_dim))
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    dim = branch_dim or CHANNELS[backbone]
+    out = net.train()(x)
+    assert isinstance(out, ReIDTrainOutput)
+    assert set(out.features) == set(out.logits) == {"avg", "max"}
+    assert all(f.shape == (3, dim) for f in out.features.values())
+    assert all(lg.shape == (3, 5) for lg in out.logits.values())
+    with torch.no_grad():
+        emb = net.eval()(x)
+    assert emb.shape == (3, 2 * dim) == (3, net.embedding_dim)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+
+
+def test_branches_do_not_share_last_stage():
+    net = ReIDNet(ReIDNetConfig("mobilenet_v2", (64, 32), num_classes=3))
+    avg, mx = net.branches["avg"].stage, net.branches["max"].stage
+    assert all(a.data_ptr() != m.data_ptr() for a, m in zip(avg.parameters(), mx.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
+def test_last_stride_one_doubles_the_final_map(backbone):
+    def final_map(stride):
+        net = ReIDNet(ReIDNetConfig(backbone, (64, 32), last_stride=stride)).eval()
+        with torch.no_grad():
+            return net.branches["avg"].stage(net.trunk(torch.zeros(1, 3, 64, 32))).shape[-2:]
+
+    assert tuple(final_map(1)) == tuple(2 * s for s in final_map(2))
+
+
+def test_inference_net_has_no_classifier():
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=0))
+    assert not any("classifier" in k for k in net.state_dict())
+    assert net.train()(torch.zeros(2, 3, 64, 32)).logits == {}

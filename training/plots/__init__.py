@@ -1,0 +1,1 @@
+"""Figures (PNG) for runs: training curves and each task's plots."""
