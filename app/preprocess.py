@@ -17,6 +17,10 @@ class ImageError(ValueError):
     """Bytes that are not a usable image; the message says why."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image over the pixel limit (or a decompression bomb); the service answers 413 for it."""
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode bytes with Pillow, refusing non-images, truncated files and decompression bombs."""
     try:
@@ -25,7 +29,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             with Image.open(io.BytesIO(data)) as probe:
                 width, height = probe.size
                 if width * height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLargeError(
                         f"image has {width}x{height} pixels, more than the limit of {max_pixels}"
                     )
                 probe.verify()  # catches truncated and corrupt files before the full decode
@@ -34,7 +38,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("image is too large (decompression bomb protection)") from None
+        raise ImageTooLargeError("image is too large (decompression bomb protection)") from None
     except Exception as exc:  # Pillow raises many types for bad input
         raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     return image.convert("RGB")

@@ -1,0 +1,148 @@
+"""The gallery: enroll crops, read, list, delete, erase a person, statistics."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
+
+from app.api.uploads import decode_crops, offload, read_images
+from app.deps import EntryDep, GalleryDep, SessionDep, SettingsDep
+from app.gallery import store
+from app.gallery.gallery import EntryFields
+from app.schemas import Deleted, EnrollResponse, EntryPage, GalleryEntry, GalleryStats, Problem
+
+router = APIRouter(prefix="/gallery", tags=["gallery"])
+
+COLLECTION = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_METADATA_CHARS = 16_384
+NOT_FOUND = {404: {"model": Problem, "description": "No entry with this id."}}
+UPLOAD_ERRORS = {
+    413: {"model": Problem, "description": "Too many images, or one too large (bytes or pixels)."},
+    415: {"model": Problem, "description": "A file is not a readable image."},
+    422: {"model": Problem, "description": "Missing or malformed fields (e.g. metadata not a JSON object)."},
+}
+
+
+def _blank_to_none(value: str | None) -> str | None:
+    return value if value else None
+
+
+def parse_metadata(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if len(text) > MAX_METADATA_CHARS:
+        raise HTTPException(422, f"metadata is longer than {MAX_METADATA_CHARS} characters")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"metadata is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, f"metadata must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+@router.post(
+    "",
+    response_model=EnrollResponse,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": EnrollResponse, "description": "Every image was already enrolled."}}
+    | UPLOAD_ERRORS,
+)
+async def enroll(
+    request: Request,
+    response: Response,
+    gallery: GalleryDep,
+    settings: SettingsDep,
+    images: Annotated[
+        list[UploadFile], File(description="One or more crops of one person (repeat the field).")
+    ],
+    identity: Annotated[str | None, Form(max_length=256, description="Who this is, if known.")] = None,
+    camera_id: Annotated[str | None, Form(max_length=128)] = None,
+    captured_at: Annotated[
+        datetime | None, Form(description="ISO 8601; without a zone it means UTC.")
+    ] = None,
+    track_id: Annotated[str | None, Form(max_length=128)] = None,
+    metadata: Annotated[str | None, Form(description='A JSON object, e.g. {"site": "north gate"}.')] = None,
+    collection: Annotated[str, Form(pattern=COLLECTION)] = "default",
+) -> EnrollResponse:
+    """Store crops with their embedding and attributes; the same bytes again return the same entry."""
+    fields = EntryFields(
+        identity=_blank_to_none(identity),
+        camera_id=_blank_to_none(camera_id),
+        track_id=_blank_to_none(track_id),
+        captured_at=captured_at,
+        metadata=parse_metadata(metadata),
+    )
+    blobs = await read_images(images, settings)
+
+    def run():
+        crops = decode_crops(blobs, settings.max_pixels)
+        return gallery.enroll(collection=collection, crops=crops, fields=fields)
+
+    entries = await offload(request, run)
+    created = len({e.id for e in entries if e.status != "existing"})
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return EnrollResponse(
+        collection=collection,
+        created=created,
+        existing=len({e.id for e in entries if e.status == "existing"}),
+        entries=entries,
+    )
+
+
+@router.get("", response_model=EntryPage)
+def list_entries(
+    session: SessionDep,
+    gallery: GalleryDep,
+    collection: str | None = None,
+    identity: str | None = None,
+    camera_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EntryPage:
+    """Entries in id order, one page at a time."""
+    rows, total = store.list_entries(
+        session, collection=collection, identity=identity, camera_id=camera_id, limit=limit, offset=offset
+    )
+    version = gallery.model_version
+    return EntryPage(
+        items=[GalleryEntry.of(e, model_version=version) for e in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + len(rows) if offset + len(rows) < total else None,
+    )
+
+
+@router.get("/stats", response_model=GalleryStats)
+def stats(gallery: GalleryDep) -> GalleryStats:
+    """Entry counts per collection; entries of other re-ID bundle versions are counted apart."""
+    return gallery.stats()
+
+
+@router.get("/{entry_id}", response_model=GalleryEntry, responses=NOT_FOUND)
+def get_entry(entry: EntryDep, gallery: GalleryDep) -> GalleryEntry:
+    return GalleryEntry.of(entry, model_version=gallery.model_version)
+
+
+@router.delete("/{entry_id}", response_model=Deleted, responses=NOT_FOUND)
+def delete_entry(entry_id: int, gallery: GalleryDep) -> Deleted:
+    """Remove one entry from the database and the index."""
+    if not gallery.delete(entry_id):
+        raise HTTPException(404, f"no gallery entry with id {entry_id}")
+    return Deleted(deleted=1, ids=[entry_id])
+
+
+@router.delete("", response_model=Deleted)
+def erase_identity(
+    gallery: GalleryDep,
+    identity: Annotated[str, Query(min_length=1, description="Every entry of this identity is deleted.")],
+    collection: str = "default",
+) -> Deleted:
+    """Erase a person: every entry with this identity in the collection."""
+    ids = gallery.erase_identity(collection=collection, identity=identity)
+    return Deleted(deleted=len(ids), ids=ids)

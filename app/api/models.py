@@ -1,0 +1,15 @@
+"""GET /models: the loaded bundles, their versions and recorded metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import ModelsDep
+from app.schemas import ModelsResponse
+
+router = APIRouter(prefix="/models", tags=["service"])
+
+
+@router.get("", response_model=ModelsResponse)
+def list_models(models: ModelsDep) -> ModelsResponse:
+    return ModelsResponse(attributes=models.attributes.describe(), reid=models.reid.describe())

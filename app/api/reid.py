@@ -1,0 +1,111 @@
+"""POST /reid/query: the gallery entries most similar to one crop."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+
+from app.api.uploads import decode_images, offload, read_images
+from app.deps import GalleryDep, ModelsDep, SettingsDep
+from app.gallery.store import SearchFilters
+from app.inference import AttributeModel
+from app.schemas import Problem, QueryResponse, ReIDModelRef
+
+router = APIRouter(prefix="/reid", tags=["reid"])
+
+ERRORS = {
+    413: {"model": Problem, "description": "The image is too large (bytes or pixels)."},
+    415: {"model": Problem, "description": "The file is not a readable image."},
+    422: {"model": Problem, "description": "Missing or malformed fields, unknown attribute filter."},
+}
+
+
+def parse_attribute_filters(values: list[str], model: AttributeModel) -> dict[str, tuple[str, ...]]:
+    """'group=class' strings -> {group: classes}; several classes of one group mean any of them."""
+    wanted: dict[str, list[str]] = {}
+    for text in values:
+        group, sep, value = text.partition("=")
+        group, value = group.strip(), value.strip()
+        if not sep or not group or not value:
+            raise HTTPException(422, f"attribute filter {text[:80]!r} is not of the form group=class")
+        if group not in model.groups:
+            known = ", ".join(model.groups)
+            raise HTTPException(422, f"unknown attribute group {group[:64]!r}; groups: {known}")
+        if value not in model.groups[group]:
+            known = ", ".join(model.groups[group])
+            raise HTTPException(422, f"unknown class {value[:64]!r} for {group}; classes: {known}")
+        wanted.setdefault(group, []).append(value)
+    return {g: tuple(dict.fromkeys(v)) for g, v in wanted.items()}
+
+
+@router.post("/query", response_model=QueryResponse, responses=ERRORS)
+async def query(
+    request: Request,
+    gallery: GalleryDep,
+    models: ModelsDep,
+    settings: SettingsDep,
+    image: Annotated[UploadFile, File(description="One person crop.")],
+    top_k: Annotated[
+        int, Form(ge=1, description="How many matches to return (at most REID_MAX_TOP_K).")
+    ] = 10,
+    collection: Annotated[str, Form(min_length=1, max_length=128)] = "default",
+    camera_id: Annotated[
+        list[str], Form(description="Only entries from these cameras (repeat the field).")
+    ] = [],  # noqa: B006 - FastAPI copies defaults
+    exclude_camera_id: Annotated[
+        list[str], Form(description="No entries from these cameras (repeat the field).")
+    ] = [],  # noqa: B006
+    captured_after: Annotated[
+        datetime | None, Form(description="ISO 8601; entries captured at or after this time.")
+    ] = None,
+    captured_before: Annotated[
+        datetime | None, Form(description="ISO 8601; entries captured at or before this time.")
+    ] = None,
+    attribute: Annotated[
+        list[str],
+        Form(
+            description="Attribute filter 'group=class', e.g. upper_colour=red; repeat the field. "
+            "Classes of one group are alternatives; different groups must all hold.",
+        ),
+    ] = [],  # noqa: B006
+    min_score: Annotated[float | None, Form(ge=-1, le=1, description="Drop matches below this.")] = None,
+    group_by: Annotated[
+        Literal["entry", "identity"],
+        Form(description="'identity': at most one match (the best) per identity."),
+    ] = "entry",
+) -> QueryResponse:
+    """Rank the collection's searchable entries by cosine similarity to the crop.
+
+    Filters are applied inside the index search, so a narrow filter still returns its best matches.
+    """
+    if top_k > settings.max_top_k:
+        raise HTTPException(422, f"top_k is {top_k}; the limit is {settings.max_top_k}")
+    filters = SearchFilters(
+        cameras=tuple(c for c in camera_id if c),
+        exclude_cameras=tuple(c for c in exclude_camera_id if c),
+        captured_after=captured_after,
+        captured_before=captured_before,
+        attributes=parse_attribute_filters([a for a in attribute if a], models.attributes),
+    )
+    blobs = await read_images([image], settings, field="image", single=True)
+
+    def run():
+        (decoded,) = decode_images(blobs, settings.max_pixels)
+        return gallery.search(
+            collection=collection,
+            image=decoded,
+            top_k=top_k,
+            filters=filters,
+            min_score=min_score,
+            group_by=group_by,
+        )
+
+    candidates, matches = await offload(request, run)
+    reid = models.reid
+    return QueryResponse(
+        model=ReIDModelRef(name=reid.name, version=reid.version, match_threshold=reid.match_threshold),
+        candidates=candidates,
+        matches=matches,
+    )

@@ -1,0 +1,55 @@
+"""Typed dependencies: the settings, models, gallery and a database session of the running app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from app.gallery.gallery import Gallery
+from app.gallery.store import Entry, get_entry
+from app.inference import Models
+from app.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_models(request: Request) -> Models:
+    models = getattr(request.app.state, "models", None)
+    if models is None:
+        raise HTTPException(503, "models are not loaded yet")
+    return models
+
+
+def get_gallery(request: Request) -> Gallery:
+    gallery = getattr(request.app.state, "gallery", None)
+    if gallery is None:
+        raise HTTPException(503, "the gallery is not open yet")
+    return gallery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelsDep = Annotated[Models, Depends(get_models)]
+GalleryDep = Annotated[Gallery, Depends(get_gallery)]
+
+
+def get_session(gallery: GalleryDep) -> Iterator[Session]:
+    with gallery.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_entry_or_404(entry_id: int, session: SessionDep) -> Entry:
+    entry = get_entry(session, entry_id=entry_id)
+    if entry is None:
+        raise HTTPException(404, f"no gallery entry with id {entry_id}")
+    return entry
+
+
+EntryDep = Annotated[Entry, Depends(get_entry_or_404)]

@@ -1,0 +1,325 @@
+"""The gallery: enrollment, search and deletion over the database (truth) and the FAISS index (derived).
+
+Guarantees, within the one process that serves a database:
+
+- A write is committed to the database before the index sees it; a crash in between loses nothing,
+  because the index is rebuilt from the database at every start.
+- Writes (commit, then index update) run one at a time under a lock, so the index always equals the
+  committed searchable rows; SQLite therefore never sees two writers at once. Inference for a write
+  runs before the lock is taken.
+- Only entries made by the loaded re-ID bundle are in the index; others are kept and reported.
+- The same image bytes enrolled twice in one collection give one entry (a unique constraint backs
+  this up across processes).
+
+Everything here is synchronous; the API runs it in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.gallery import store
+from app.gallery.index import GalleryIndex
+from app.gallery.store import Entry, NewEntry, SearchFilters
+from app.inference import Models
+from app.metrics import ServiceMetrics
+from app.schemas import AttributeValue, CollectionStats, EnrolledEntry, GalleryEntry, GalleryStats, Match
+
+log = logging.getLogger(__name__)
+
+GroupBy = Literal["entry", "identity"]
+
+
+@dataclass
+class Crop:
+    """One uploaded image: its position in the request, the sha256 of its bytes, the decoded pixels."""
+
+    index: int
+    sha256: str
+    image: Image.Image
+
+
+@dataclass
+class EntryFields:
+    """What the client says about the crops of one enrollment request."""
+
+    identity: str | None = None
+    camera_id: str | None = None
+    track_id: str | None = None
+    captured_at: datetime | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Gallery:
+    def __init__(self, engine: Engine, models: Models, *, metrics: ServiceMetrics | None = None) -> None:
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.models = models
+        self.metrics = metrics
+        self.index = GalleryIndex(models.reid.dim)
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str, models: Models, *, metrics: ServiceMetrics | None = None) -> Gallery:
+        """Connect, create or migrate the schema, and build the index from the database."""
+        engine = store.open_engine(url)
+        store.prepare_schema(engine)
+        gallery = cls(engine, models, metrics=metrics)
+        gallery.rebuild()
+        return gallery
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def model_version(self) -> str:
+        return self.models.reid.version
+
+    def rebuild(self) -> int:
+        """Replace the index with one built from every searchable row; returns its size."""
+        start = time.perf_counter()
+        index = GalleryIndex(self.models.reid.dim)
+        with self._write_lock, self.sessions() as session:
+            for ids, collections, vectors in store.iter_embeddings(
+                session, model_version=self.model_version, dim=index.dim
+            ):
+                index.add(ids, collections, vectors)
+            self.index = index
+        log.info("gallery index built: %d entries in %.2fs", len(index), time.perf_counter() - start)
+        return len(index)
+
+    # -- enrollment ---------------------------------------------------------------------------------
+
+    def _compute(self, crops: Sequence[Crop], fields: EntryFields) -> dict[str, NewEntry]:
+        images = [c.image for c in crops]
+        attributes = self.models.attributes.predict(images) if images else []
+        embeddings = self.models.reid.embed(images) if images else np.empty((0, self.models.reid.dim))
+        return {
+            crop.sha256: NewEntry(
+                image_sha256=crop.sha256,
+                embedding=embeddings[i],
+                attributes={k: (v.value, v.score) for k, v in attributes[i].items()},
+                identity=fields.identity,
+                camera_id=fields.camera_id,
+                track_id=fields.track_id,
+                captured_at=fields.captured_at,
+                metadata=fields.metadata,
+            )
+            for i, crop in enumerate(crops)
+        }
+
+    def enroll(self, *, collection: str, crops: Sequence[Crop], fields: EntryFields) -> list[EnrolledEntry]:
+        """Enroll crops (idempotent per image sha256 and collection); one result per crop, in order."""
+        version = self.model_version
+        first: dict[str, Crop] = {}
+        for crop in crops:
+            first.setdefault(crop.sha256, crop)
+        with self.sessions() as session:
+            known = store.entries_by_sha(session, collection=collection, digests=list(first))
+            current = {d for d, e in known.items() if e.model_version == version}
+        computed = self._compute([c for d, c in first.items() if d not in current], fields)
+        for attempt in range(3):
+            try:
+                results = self._write_enrollment(collection, first, computed, fields)
+                break
+            except IntegrityError:  # another process enrolled the same bytes at the same moment
+                if attempt == 2:
+                    raise
+        return [results[crop.sha256].model_copy(update={"index": crop.index}) for crop in crops]
+
+    def _write_enrollment(
+        self,
+        collection: str,
+        first: dict[str, Crop],
+        computed: dict[str, NewEntry],
+        fields: EntryFields,
+    ) -> dict[str, EnrolledEntry]:
+        version = self.model_version
+        attribute_version = self.models.attributes.version
+        with self._write_lock:
+            with self.sessions.begin() as session:
+                known = store.entries_by_sha(session, collection=collection, digests=list(first))
+                # Rare: an entry seen a moment ago was deleted (or re-embedded elsewhere) since.
+                missing = [
+                    c
+                    for d, c in first.items()
+                    if d not in computed and (d not in known or known[d].model_version != version)
+                ]
+                computed.update(self._compute(missing, fields))
+                entries: dict[str, tuple[Entry, str]] = {}
+                for digest in first:
+                    entry = known.get(digest)
+                    kwargs = {"model_version": version, "attribute_model_version": attribute_version}
+                    if entry is None:
+                        entry = store.add_entry(
+                            session, collection=collection, item=computed[digest], **kwargs
+                        )
+                        entries[digest] = (entry, "created")
+                    elif entry.model_version != version:
+                        store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
+                        entries[digest] = (entry, "refreshed")
+                    else:
+                        entries[digest] = (entry, "existing")
+                session.flush()
+                results = {
+                    d: EnrolledEntry(
+                        **GalleryEntry.of(e, model_version=version).model_dump(), index=0, status=status
+                    )
+                    for d, (e, status) in entries.items()
+                }
+            # Committed: only now does the index see the new rows.
+            changed = [
+                (e.id, e.collection, computed[d].embedding)
+                for d, (e, s) in entries.items()
+                if s != "existing"
+            ]
+            if changed:
+                ids, collections, vectors = zip(*changed, strict=True)
+                self.index.add(np.array(ids), list(collections), np.stack(vectors))
+        return results
+
+    # -- search -------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        *,
+        collection: str,
+        image: Image.Image,
+        top_k: int,
+        filters: SearchFilters,
+        min_score: float | None = None,
+        group_by: GroupBy = "entry",
+    ) -> tuple[int, list[Match]]:
+        vector = self.models.reid.embed([image])[0]
+        return self.search_vector(
+            collection=collection,
+            vector=vector,
+            top_k=top_k,
+            filters=filters,
+            min_score=min_score,
+            group_by=group_by,
+        )
+
+    def search_vector(
+        self,
+        *,
+        collection: str,
+        vector: np.ndarray,
+        top_k: int,
+        filters: SearchFilters,
+        min_score: float | None = None,
+        group_by: GroupBy = "entry",
+    ) -> tuple[int, list[Match]]:
+        """(number of candidates after filters, best matches highest first)."""
+        start = time.perf_counter()
+        with self.sessions() as session:
+            allowed = None
+            if filters.empty:
+                candidates = self.index.sizes().get(collection, 0)
+            else:
+                allowed = store.matching_ids(
+                    session, collection=collection, model_version=self.model_version, filters=filters
+                )
+                candidates = len(allowed)
+            k = top_k if group_by == "entry" else 4 * top_k
+            while True:
+                scores, ids = self.index.search(collection, vector, k, allowed=allowed)
+                if min_score is not None:
+                    keep = scores >= min_score
+                    scores, ids = scores[keep], ids[keep]
+                rows = store.get_entries(session, ids=ids.tolist())
+                hits = [(float(s), rows[i]) for s, i in zip(scores, ids.tolist(), strict=True) if i in rows]
+                if group_by == "entry":
+                    break
+                seen: set[object] = set()
+                grouped = []
+                for score, entry in hits:
+                    key = entry.identity if entry.identity is not None else ("entry", entry.id)
+                    if key not in seen:
+                        seen.add(key)
+                        grouped.append((score, entry))
+                exhausted = len(ids) < k or k >= candidates
+                if len(grouped) >= top_k or exhausted:
+                    hits = grouped
+                    break
+                k *= 4
+            matches = [self._match(score, entry) for score, entry in hits[:top_k]]
+        if self.metrics is not None:
+            self.metrics.search.observe(time.perf_counter() - start)
+        return candidates, matches
+
+    def _match(self, score: float, entry: Entry) -> Match:
+        threshold = self.models.reid.match_threshold
+        return Match(
+            entry_id=entry.id,
+            identity=entry.identity,
+            score=round(score, 6),
+            is_match=threshold is not None and score >= threshold,
+            collection=entry.collection,
+            camera_id=entry.camera_id,
+            track_id=entry.track_id,
+            captured_at=store.as_utc(entry.captured_at),
+            metadata=entry.extra or {},
+            attributes={a.attribute: AttributeValue(value=a.value, score=a.score) for a in entry.attributes},
+        )
+
+    # -- deletion -----------------------------------------------------------------------------------
+
+    def delete(self, entry_id: int) -> bool:
+        with self._write_lock:
+            with self.sessions.begin() as session:
+                if store.get_entry(session, entry_id=entry_id) is None:
+                    return False
+                store.delete_entries(session, ids=[entry_id])
+            self.index.remove([entry_id])
+        return True
+
+    def erase_identity(self, *, collection: str, identity: str) -> list[int]:
+        """Delete every entry of ``identity`` in ``collection``; returns their ids."""
+        with self._write_lock:
+            with self.sessions.begin() as session:
+                ids = store.identity_entry_ids(session, collection=collection, identity=identity)
+                store.delete_entries(session, ids=ids)
+            self.index.remove(ids)
+        return ids
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def stats(self) -> GalleryStats:
+        version = self.model_version
+        with self.sessions() as session:
+            rows = store.counts(session)
+        collections: dict[str, CollectionStats] = {}
+        others: dict[str, int] = {}
+        for name, model_version, n in rows:
+            c = collections.setdefault(name, CollectionStats(entries=0, searchable=0, other_versions={}))
+            c.entries += n
+            if model_version == version:
+                c.searchable += n
+            else:
+                c.other_versions[model_version] = c.other_versions.get(model_version, 0) + n
+                others[model_version] = others.get(model_version, 0) + n
+        return GalleryStats(
+            model_version=version,
+            embedding_dim=self.models.reid.dim,
+            entries=sum(c.entries for c in collections.values()),
+            searchable=sum(c.searchable for c in collections.values()),
+            excluded_other_versions=others,
+            index_size=len(self.index),
+            collections=collections,
+        )
+
+    def session(self) -> Session:
+        return self.sessions()

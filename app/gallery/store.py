@@ -1,0 +1,350 @@
+"""The gallery's tables and every query on them (SQLAlchemy 2.0), as keyword-only functions.
+
+The database is the truth: each entry keeps its embedding (float32 bytes), the version of the re-ID
+bundle that made it, the image's sha256, the attributes and the metadata. The FAISS index is derived
+from these rows and can always be rebuilt from them.
+
+Schema management: a new database gets ``create_all`` and its version written to ``reid_schema``;
+an older one is brought up to date by the numbered steps in ``MIGRATIONS``, each in its own
+transaction; a database newer than this build is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere ids are 64-bit like FAISS's.
+EntryId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Entry(Base):
+    """One enrolled crop."""
+
+    __tablename__ = "gallery_entries"
+
+    id: Mapped[int] = mapped_column(EntryId, primary_key=True, autoincrement=True)
+    collection: Mapped[str] = mapped_column(String(128))
+    identity: Mapped[str | None] = mapped_column(String(256))
+    camera_id: Mapped[str | None] = mapped_column(String(128))
+    track_id: Mapped[str | None] = mapped_column(String(128))
+    captured_at: Mapped[datetime | None] = mapped_column(DateTime())  # naive UTC
+    extra: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))  # the re-ID bundle of ``embedding``
+    attribute_model_version: Mapped[str] = mapped_column(String(64))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    attributes: Mapped[list[EntryAttribute]] = relationship(
+        back_populates="entry", lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        UniqueConstraint("collection", "image_sha256", name="uq_gallery_entries_collection_sha256"),
+        Index("ix_gallery_entries_collection_identity", "collection", "identity"),
+        Index("ix_gallery_entries_collection_camera", "collection", "camera_id"),
+        Index("ix_gallery_entries_collection_captured", "collection", "captured_at"),
+        Index("ix_gallery_entries_model_version", "model_version"),
+    )
+
+
+class EntryAttribute(Base):
+    """One predicted attribute of an entry; a table of its own so filters use an index."""
+
+    __tablename__ = "gallery_entry_attributes"
+
+    entry_id: Mapped[int] = mapped_column(
+        EntryId, ForeignKey("gallery_entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    attribute: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    entry: Mapped[Entry] = relationship(back_populates="attributes")
+
+    __table_args__ = (Index("ix_gallery_entry_attributes_value", "attribute", "value", "entry_id"),)
+
+
+class SchemaVersion(Base):
+    __tablename__ = "reid_schema"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+# version -> step that upgrades a database from version-1 to version (none yet: v1 is the first).
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be used by this build."""
+
+
+def utc_naive(moment: datetime | None) -> datetime | None:
+    """Store times as naive UTC (portable across SQLite and PostgreSQL); naive input means UTC."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine and schema
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer and vice versa
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; WAL keeps it consistent
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets its folder created, WAL mode and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def prepare_schema(engine: Engine) -> int:
+    """Create a new schema or migrate an old one; returns the schema version now in place."""
+    with engine.begin() as conn:
+        tables = set(inspect(conn).get_table_names())
+        if SchemaVersion.__tablename__ not in tables:
+            if Entry.__tablename__ in tables:
+                raise SchemaError("gallery tables exist without a schema version; refusing to guess")
+            Base.metadata.create_all(conn)
+            conn.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
+            return SCHEMA_VERSION
+        current = conn.execute(select(func.max(SchemaVersion.version))).scalar_one()
+    if current > SCHEMA_VERSION:
+        raise SchemaError(f"database schema is version {current}; this build knows up to {SCHEMA_VERSION}")
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with engine.begin() as conn:
+            MIGRATIONS[version](conn)
+            conn.execute(SchemaVersion.__table__.update().values(version=version))
+    return SCHEMA_VERSION
+
+
+def drop_schema(engine: Engine) -> None:
+    """Drop every gallery table (tests use it to start from an empty PostgreSQL database)."""
+    Base.metadata.drop_all(engine)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writes
+
+
+@dataclass
+class NewEntry:
+    """What enrollment hands to the store for one crop."""
+
+    image_sha256: str
+    embedding: np.ndarray
+    attributes: dict[str, tuple[str, float]]
+    identity: str | None = None
+    camera_id: str | None = None
+    track_id: str | None = None
+    captured_at: datetime | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _attribute_rows(attributes: dict[str, tuple[str, float]]) -> list[EntryAttribute]:
+    return [EntryAttribute(attribute=k, value=v, score=s) for k, (v, s) in attributes.items()]
+
+
+def add_entry(
+    session: Session, *, collection: str, item: NewEntry, model_version: str, attribute_model_version: str
+) -> Entry:
+    entry = Entry(
+        collection=collection,
+        identity=item.identity,
+        camera_id=item.camera_id,
+        track_id=item.track_id,
+        captured_at=utc_naive(item.captured_at),
+        extra=item.metadata,
+        image_sha256=item.image_sha256,
+        model_version=model_version,
+        attribute_model_version=attribute_model_version,
+        embedding=np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes(),
+        created_at=datetime.now(UTC).replace(tzinfo=None),
+        attributes=_attribute_rows(item.attributes),
+    )
+    session.add(entry)
+    return entry
+
+
+def refresh_entry(
+    session: Session, *, entry: Entry, item: NewEntry, model_version: str, attribute_model_version: str
+) -> Entry:
+    """Re-embed an entry made by another bundle (same image enrolled again); its fields are kept."""
+    entry.embedding = np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes()
+    entry.model_version = model_version
+    entry.attribute_model_version = attribute_model_version
+    entry.attributes = _attribute_rows(item.attributes)
+    return entry
+
+
+def delete_entries(session: Session, *, ids: Sequence[int]) -> None:
+    if ids:
+        session.execute(delete(EntryAttribute).where(EntryAttribute.entry_id.in_(ids)))
+        session.execute(delete(Entry).where(Entry.id.in_(ids)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reads
+
+
+def entries_by_sha(session: Session, *, collection: str, digests: Sequence[str]) -> dict[str, Entry]:
+    if not digests:
+        return {}
+    rows = session.scalars(
+        select(Entry).where(Entry.collection == collection, Entry.image_sha256.in_(list(digests)))
+    )
+    return {e.image_sha256: e for e in rows}
+
+
+def get_entry(session: Session, *, entry_id: int) -> Entry | None:
+    return session.get(Entry, entry_id)
+
+
+def get_entries(session: Session, *, ids: Sequence[int]) -> dict[int, Entry]:
+    if not ids:
+        return {}
+    return {e.id: e for e in session.scalars(select(Entry).where(Entry.id.in_(list(ids))))}
+
+
+def identity_entry_ids(session: Session, *, collection: str, identity: str) -> list[int]:
+    query = select(Entry.id).where(Entry.collection == collection, Entry.identity == identity)
+    return list(session.scalars(query))
+
+
+def list_entries(
+    session: Session,
+    *,
+    collection: str | None = None,
+    identity: str | None = None,
+    camera_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Entry], int]:
+    """One page of entries in id order, and how many match in all."""
+    conditions = []
+    if collection is not None:
+        conditions.append(Entry.collection == collection)
+    if identity is not None:
+        conditions.append(Entry.identity == identity)
+    if camera_id is not None:
+        conditions.append(Entry.camera_id == camera_id)
+    total = session.scalar(select(func.count()).select_from(Entry).where(*conditions)) or 0
+    page = session.scalars(select(Entry).where(*conditions).order_by(Entry.id).limit(limit).offset(offset))
+    return list(page), total
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Conditions a match must meet; attribute values OR within a group, AND across groups."""
+
+    cameras: tuple[str, ...] = ()
+    exclude_cameras: tuple[str, ...] = ()
+    captured_after: datetime | None = None  # inclusive
+    captured_before: datetime | None = None  # inclusive
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.cameras
+            or self.exclude_cameras
+            or self.captured_after
+            or self.captured_before
+            or self.attributes
+        )
+
+
+def matching_ids(
+    session: Session, *, collection: str, model_version: str, filters: SearchFilters
+) -> np.ndarray:
+    """Ids of the searchable entries of ``collection`` that meet ``filters`` (int64 array)."""
+    query = select(Entry.id).where(Entry.collection == collection, Entry.model_version == model_version)
+    if filters.cameras:
+        query = query.where(Entry.camera_id.in_(filters.cameras))
+    if filters.exclude_cameras:
+        query = query.where(or_(Entry.camera_id.is_(None), Entry.camera_id.not_in(filters.exclude_cameras)))
+    if filters.captured_after is not None:
+        query = query.where(Entry.captured_at >= utc_naive(filters.captured_after))
+    if filters.captured_before is not None:
+        query = query.where(Entry.captured_at <= utc_naive(filters.captured_before))
+    for attribute, values in filters.attributes.items():
+        having = select(EntryAttribute.entry_id).where(
+            EntryAttribute.attribute == attribute, EntryAttribute.value.in_(values)
+        )
+        query = query.where(Entry.id.in_(having))
+    return np.fromiter(session.scalars(query), dtype=np.int64)
+
+
+def iter_embeddings(
+    session: Session, *, model_version: str, dim: int, chunk: int = 10_000
+) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+    """(ids, collections, vectors) of every entry made by ``model_version``, ``chunk`` rows at a time."""
+    query = (
+        select(Entry.id, Entry.collection, Entry.embedding)
+        .where(Entry.model_version == model_version)
+        .order_by(Entry.id)
+        .execution_options(yield_per=chunk)
+    )
+    for rows in session.execute(query).partitions(chunk):
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(r[2] for r in rows)
+        vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+        yield ids, [r[1] for r in rows], vectors
+
+
+def counts(session: Session) -> list[tuple[str, str, int]]:
+    """(collection, model_version, entries) for every pair present."""
+    query = select(Entry.collection, Entry.model_version, func.count()).group_by(
+        Entry.collection, Entry.model_version
+    )
+    return [(c, v, n) for c, v, n in session.execute(query)]

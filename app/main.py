@@ -1,0 +1,246 @@
+"""The HTTP service: ``create_app(settings)`` and the ``reid-serve`` command.
+
+Models are loaded and the gallery index is built in the lifespan, never at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import api_router
+from app.bundle import BundleError
+from app.gallery.gallery import Gallery
+from app.inference import Models, check_bundle
+from app.metrics import ServiceMetrics
+from app.security import key_digests
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+BUNDLE_HELP = (
+    "train and export bundles with `reid-train` (see README), or point REID_MODELS_DIR, "
+    "REID_ATTRIBUTE_BUNDLE or REID_REID_BUNDLE at existing bundle directories"
+)
+
+DESCRIPTION = """Pedestrian attributes, a gallery of enrolled crops and re-identification queries.
+
+Images are sent as multipart files; every error is a JSON object with a `detail` sentence.
+When the service runs with `REID_API_KEYS`, send one of the keys in the `X-API-Key` header
+(every endpoint but `/healthz` and `/readyz`).
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: ServiceMetrics = app.state.metrics
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if not settings.api_keys:
+        log.warning("REID_API_KEYS is not set: the API is open to anyone who can reach it")
+    models = await run_in_threadpool(
+        Models.load,
+        settings.attribute_bundle_dir,
+        settings.reid_bundle_dir,
+        batch_size=settings.batch_size,
+        observer=metrics.observe_inference,
+    )
+    gallery = await run_in_threadpool(Gallery.open, settings.database, models, metrics=metrics)
+    app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_workers)
+    app.state.models = models
+    app.state.gallery = gallery
+    metrics.track_gallery(lambda: len(gallery.index))
+    log.info(
+        "ready: attributes %s (%s), re-ID %s (%s), %d searchable entries",
+        models.attributes.name,
+        models.attributes.version,
+        models.reid.name,
+        models.reid.version,
+        len(gallery.index),
+    )
+    try:
+        yield
+    finally:
+        app.state.models = None
+        app.state.gallery = None
+        gallery.close()
+
+
+class BodySizeLimit:
+    """Answer 413 to a request body over ``max_bytes``, by Content-Length or while it streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body is larger than the limit of {self.max_bytes} bytes"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # whatever the app answers after the limit tripped is replaced by the 413
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._reject(send)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestMetrics:
+    """Count and time every request by route template (not raw path, to bound label values)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable sentence in ``detail`` (and FastAPI's error list in ``errors``)."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
+    errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b[:64].decode("latin-1")})
+    for error in errors:
+        error.pop("input", None)  # may echo a whole upload
+        error.pop("ctx", None)
+    return JSONResponse({"detail": "; ".join(parts), "errors": errors}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    app = FastAPI(
+        title="Person re-identification service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_key_digests = key_digests(settings.key_bytes())
+    app.state.models = None
+    app.state.gallery = None
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(api_router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every answer, 413s included
+    return app
+
+
+def preflight(settings: Settings) -> str | None:
+    """A one-line reason the service cannot start, or None."""
+    for directory, task in (
+        (settings.attribute_bundle_dir, "attributes"),
+        (settings.reid_bundle_dir, "reid"),
+    ):
+        try:
+            check_bundle(directory, task)
+        except BundleError as exc:
+            return f"{exc}; {BUNDLE_HELP}"
+    return None
+
+
+def serve(argv: Sequence[str] | None = None) -> None:
+    """The ``reid-serve`` command."""
+    parser = argparse.ArgumentParser(prog="reid-serve", description="Run the re-ID HTTP service.")
+    parser.add_argument("--host", help="address to bind (default REID_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default REID_PORT or 8000)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+    except Exception as exc:  # pydantic's message names the bad variable
+        sys.exit(f"reid-serve: invalid settings: {exc}".replace("\n", " "))
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    problem = preflight(settings)
+    if problem:
+        sys.exit(f"reid-serve: {problem}")
+
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    serve()

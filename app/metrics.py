@@ -1,0 +1,60 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    """The service's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "reid_http_requests",
+            "HTTP requests by route template, method and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "reid_http_request_duration_seconds",
+            "HTTP request latency by route template and method.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "reid_inference_seconds",
+            "Forward-pass time per batch, by model task.",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.crops = Counter(
+            "reid_inference_crops",
+            "Crops run through a model, by task.",
+            ["task"],
+            registry=self.registry,
+        )
+        self.gallery_searchable = Gauge(
+            "reid_gallery_searchable_entries",
+            "Entries in the search index (made by the loaded re-ID bundle).",
+            registry=self.registry,
+        )
+        self.search = Histogram(
+            "reid_gallery_search_seconds",
+            "Index search time per query (including filter resolution).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_inference(self, task: str, seconds: float, crops: int) -> None:
+        self.inference.labels(task).observe(seconds)
+        self.crops.labels(task).inc(crops)
+
+    def track_gallery(self, size: Callable[[], float]) -> None:
+        self.gallery_searchable.set_function(size)

@@ -1,0 +1,255 @@
+"""Request and response bodies of the HTTP API (pydantic), with the examples shown in OpenAPI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.gallery.store import Entry, as_utc
+
+_ATTRS_EXAMPLE = {
+    "gender": {"value": "female", "score": 0.97},
+    "upper_colour": {"value": "red", "score": 0.88},
+    "lower_colour": {"value": "black", "score": 0.91},
+}
+
+
+_SHA_EXAMPLE = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+class Problem(BaseModel):
+    """Every error: a 4xx (or 503) status and a sentence naming the problem."""
+
+    detail: str = Field(examples=["images[0] 'cam1.jpg': not a readable image"])
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(description="First 12 hex digits of the weights' sha256.")
+
+
+class ReIDModelRef(ModelRef):
+    match_threshold: float | None = Field(
+        description="Cosine similarity at or above which a match counts as the same person."
+    )
+
+
+class AttributeValue(BaseModel):
+    value: str = Field(description="Predicted class name.")
+    score: float = Field(ge=0, le=1, description="Its softmax probability.")
+
+
+Attributes = dict[str, AttributeValue]
+
+
+class CropAttributes(BaseModel):
+    index: int = Field(description="Position of the crop in the request's 'images'.")
+    attributes: Attributes
+
+
+class AttributesResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "attributes-mobilenet_v2", "version": "3f2a9c0d1b7e"},
+                    "crops": [{"index": 0, "attributes": _ATTRS_EXAMPLE}],
+                }
+            ]
+        }
+    )
+
+    model: ModelRef
+    crops: list[CropAttributes]
+
+
+class GalleryEntry(BaseModel):
+    """An enrolled crop as stored (embedding left out)."""
+
+    id: int
+    collection: str
+    identity: str | None
+    camera_id: str | None
+    track_id: str | None
+    captured_at: datetime | None
+    metadata: dict[str, Any]
+    attributes: Attributes
+    image_sha256: str
+    model_version: str = Field(description="Version of the re-ID bundle that embedded this entry.")
+    searchable: bool = Field(description="False when made by a re-ID bundle other than the loaded one.")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, entry: Entry, *, model_version: str) -> GalleryEntry:
+        return cls(
+            id=entry.id,
+            collection=entry.collection,
+            identity=entry.identity,
+            camera_id=entry.camera_id,
+            track_id=entry.track_id,
+            captured_at=as_utc(entry.captured_at),
+            metadata=entry.extra or {},
+            attributes={a.attribute: AttributeValue(value=a.value, score=a.score) for a in entry.attributes},
+            image_sha256=entry.image_sha256,
+            model_version=entry.model_version,
+            searchable=entry.model_version == model_version,
+            created_at=as_utc(entry.created_at),
+        )
+
+
+class EnrolledEntry(GalleryEntry):
+    index: int = Field(description="Position of the crop in the request's 'images'.")
+    status: Literal["created", "existing", "refreshed"] = Field(
+        description="'existing': these exact bytes were already enrolled in this collection and that "
+        "entry is returned unchanged; 'refreshed': they were, by another re-ID bundle, and the entry "
+        "was re-embedded with the loaded one."
+    )
+
+
+class EnrollResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "collection": "default",
+                    "created": 1,
+                    "existing": 0,
+                    "entries": [
+                        {
+                            "index": 0,
+                            "status": "created",
+                            "id": 42,
+                            "collection": "default",
+                            "identity": "person-0007",
+                            "camera_id": "cam-3",
+                            "track_id": "t-118",
+                            "captured_at": "2024-05-01T12:30:00Z",
+                            "metadata": {"site": "north gate"},
+                            "attributes": _ATTRS_EXAMPLE,
+                            "image_sha256": _SHA_EXAMPLE,
+                            "model_version": "a1b2c3d4e5f6",
+                            "searchable": True,
+                            "created_at": "2024-05-01T12:30:02Z",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    collection: str
+    created: int
+    existing: int
+    entries: list[EnrolledEntry]
+
+
+class Match(BaseModel):
+    entry_id: int
+    identity: str | None
+    score: float = Field(description="Cosine similarity to the query, in [-1, 1].")
+    is_match: bool = Field(description="score >= the re-ID bundle's match_threshold.")
+    collection: str
+    camera_id: str | None
+    track_id: str | None
+    captured_at: datetime | None
+    metadata: dict[str, Any]
+    attributes: Attributes
+
+
+class QueryResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {
+                        "name": "reid-mobilenet_v2",
+                        "version": "a1b2c3d4e5f6",
+                        "match_threshold": 0.62,
+                    },
+                    "candidates": 1830,
+                    "matches": [
+                        {
+                            "entry_id": 42,
+                            "identity": "person-0007",
+                            "score": 0.83,
+                            "is_match": True,
+                            "collection": "default",
+                            "camera_id": "cam-3",
+                            "track_id": "t-118",
+                            "captured_at": "2024-05-01T12:30:00Z",
+                            "metadata": {"site": "north gate"},
+                            "attributes": _ATTRS_EXAMPLE,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    model: ReIDModelRef
+    candidates: int = Field(description="Searchable entries that passed the filters.")
+    matches: list[Match]
+
+
+class EntryPage(BaseModel):
+    items: list[GalleryEntry]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class Deleted(BaseModel):
+    deleted: int
+    ids: list[int]
+
+
+class CollectionStats(BaseModel):
+    entries: int
+    searchable: int
+    other_versions: dict[str, int] = Field(description="Entries per re-ID bundle version not loaded now.")
+
+
+class GalleryStats(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version": "a1b2c3d4e5f6",
+                    "embedding_dim": 512,
+                    "entries": 1250,
+                    "searchable": 1200,
+                    "excluded_other_versions": {"0c9d8e7f6a5b": 50},
+                    "index_size": 1200,
+                    "collections": {
+                        "default": {
+                            "entries": 1250,
+                            "searchable": 1200,
+                            "other_versions": {"0c9d8e7f6a5b": 50},
+                        }
+                    },
+                }
+            ]
+        }
+    )
+
+    model_version: str
+    embedding_dim: int
+    entries: int
+    searchable: int
+    excluded_other_versions: dict[str, int] = Field(
+        description="Entries embedded by other re-ID bundles: kept, reported, never searched."
+    )
+    index_size: int
+    collections: dict[str, CollectionStats]
+
+
+class ModelsResponse(BaseModel):
+    attributes: dict[str, Any]
+    reid: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "starting"]

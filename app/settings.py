@@ -1,0 +1,105 @@
+"""Service settings: environment variables with the prefix ``REID_``, built once in ``create_app``.
+
+Relative paths are relative to the current directory. ``docs/service.md`` has the full table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SQLITE_FILE = "gallery.sqlite3"
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="ignore")
+
+    # Models
+    models_dir: Path = Field(
+        default=Path("models_store"),
+        description="Folder holding the 'attributes' and 'reid' bundles (used when the two below are unset).",
+    )
+    attribute_bundle: Path | None = Field(
+        default=None, description="Attribute bundle directory; default <models_dir>/attributes."
+    )
+    reid_bundle: Path | None = Field(
+        default=None, description="Re-ID bundle directory; default <models_dir>/reid."
+    )
+
+    # Storage
+    data_dir: Path = Field(default=Path("data"), description="Where the SQLite file lives.")
+    database_url: str | None = Field(
+        default=None,
+        repr=False,  # may hold a password
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@host/db; "
+        f"default sqlite:///<data_dir>/{SQLITE_FILE}.",
+    )
+
+    # Security
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when set, every endpoint but /healthz and /readyz "
+        "needs a matching X-API-Key header.",
+    )
+
+    # Input limits
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="Per image file.")
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Whole request body, checked while it streams in."
+    )
+    max_pixels: int = Field(default=4096 * 4096, gt=0, description="Per decoded image (bomb guard).")
+    max_images_per_request: int = Field(default=64, gt=0)
+    max_top_k: int = Field(default=1000, gt=0, le=10_000)
+
+    # Inference
+    batch_size: int = Field(default=32, gt=0, description="Crops per forward pass within a request.")
+    inference_workers: int = Field(
+        default=2, gt=0, description="Requests running inference at the same time (threads)."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default."
+    )
+
+    # Server (``reid-serve --host/--port`` override these)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_from_dirs(self) -> Settings:
+        if self.attribute_bundle is None:
+            self.attribute_bundle = self.models_dir / "attributes"
+        if self.reid_bundle is None:
+            self.reid_bundle = self.models_dir / "reid"
+        return self
+
+    @property
+    def attribute_bundle_dir(self) -> Path:
+        assert self.attribute_bundle is not None
+        return self.attribute_bundle
+
+    @property
+    def reid_bundle_dir(self) -> Path:
+        assert self.reid_bundle is not None
+        return self.reid_bundle
+
+    @property
+    def database(self) -> str:
+        """The database URL in use (SQLite under ``data_dir`` unless ``database_url`` is set)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / SQLITE_FILE}"
+
+    def key_bytes(self) -> list[bytes]:
+        return [key.get_secret_value().encode() for key in self.api_keys]
