@@ -1,0 +1,131 @@
+"""Typed run configurations: one dataclass per task, serialisable to and from JSON.
+
+Every run saves its resolved config (``config.json``) beside its outputs, and ``--resume`` reads it back,
+so a run can always be repeated or continued from its directory alone. Common fields live in
+:class:`TrainConfig`; a task adds its own fields in a subclass and names itself in ``TASK`` (the re-ID
+task defines its subclass next to its task code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training run has. Defaults are the report's (Adam, lr 1e-4, wd 5e-4, batch 128)."""
+
+    TASK: ClassVar[str] = ""
+
+    # Data
+    data_root: str = ""
+    layout: str = "auto"  # auto | course | original; resolved before the config is saved
+    data_fingerprint: str = ""  # filled in when the data is read; --resume refuses other data
+    split_file: str | None = None  # reused when it exists, written there otherwise
+    val_fraction: float = 0.2
+    limit_ids: int | None = None  # keep this many training identities (quick runs)
+    cache_dir: str = "cache"
+    workers: int = 2  # threads for decoding images into the cache
+
+    # Model
+    backbone: str = "mobilenet_v2"
+    init_weights: str | None = None  # None, 'imagenet' or a state-dict file
+    input_size: tuple[int, int] = (256, 128)  # (height, width)
+
+    # Optimisation
+    epochs: int = 100
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0  # linear warm-up from warmup_factor * lr
+    warmup_factor: float = 0.1
+    lr_steps: tuple[int, ...] = ()  # epochs at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    grad_clip: float | None = None
+
+    # Early stopping and checkpoints
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"  # min | max
+    patience: int = 5  # epochs without improvement before stopping; 0 disables early stopping
+
+    # Augmentation (batched, see training/data/transforms.py)
+    flip: bool = True
+    pad: int = 10
+    erase_p: float = 0.5
+
+    # Runtime
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision, used on CUDA only
+    seed: int = 0
+    run_dir: str = ""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)  # type: ignore[assignment]
+        self.lr_steps = tuple(int(v) for v in self.lr_steps)
+        if len(self.input_size) != 2 or min(self.input_size) < 8:
+            raise ValueError(f"input_size must be (height, width) of at least 8, got {self.input_size}")
+        if self.monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.layout not in ("auto", "course", "original"):
+            raise ValueError(f"layout must be auto, course or original, got {self.layout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        return {"task": self.TASK, **data}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = dict(data)
+        task = data.pop("task", cls.TASK)
+        if task != cls.TASK:
+            raise ValueError(f"config is for task {task!r}, expected {cls.TASK!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls: type[C], path: str | Path) -> C:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class AttributeTrainConfig(TrainConfig):
+    """The attribute classifier: 12 heads, class-weighted cross-entropy summed over heads."""
+
+    TASK: ClassVar[str] = "attributes"
+
+    dropout: float = 0.2
+    class_weights: str = "majority"  # majority (majority count / class count) | none
+    epochs: int = 100
+    patience: int = 5
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.class_weights not in ("majority", "none"):
+            raise ValueError(f"class_weights must be 'majority' or 'none', got {self.class_weights!r}")
+
+
+def read_task(path: str | Path) -> str:
+    """The task named in a saved config (``attributes``, ``reid``) without building the config."""
+    return str(json.loads(Path(path).read_text()).get("task", ""))
