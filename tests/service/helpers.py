@@ -1,0 +1,161 @@
+"""Helpers for the service tests: small real bundles, encoded synthetic crops, HTTP shortcuts.
+
+The bundles are randomly initialised OSNet-x0.25 networks at 64x32 input whose BatchNorm statistics
+are calibrated on synthetic crops (a few forward passes in train mode, no gradient steps), which
+spreads their embeddings enough that an image's nearest neighbour is itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import create_engine
+from torch import nn
+
+from app.bundle import EmbeddingSpec, Manifest, save_bundle
+from app.gallery.store import drop_schema
+from app.nets.attributes import AttributeNet, AttributeNetConfig
+from app.nets.reid import ReIDNet, ReIDNetConfig
+from app.preprocess import image_to_tensor
+from app.schema import schema_as_dict
+from app.settings import Settings
+from tests.synthetic import SyntheticIdentity, make_identities, render
+
+SIZE = (64, 32)
+BACKBONE = "osnet_x0_25"
+POSTGRES_URL = os.environ.get("REID_TEST_POSTGRES_URL")
+MATCH_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class Bundles:
+    attributes: Path
+    reid: Path
+
+
+def _calibrate(net: nn.Module, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    crops = [render(p, cam, rng, SIZE) for p in make_identities(32, seed=seed + 100) for cam in (1, 2)]
+    batch = torch.stack([image_to_tensor(c, SIZE) for c in crops])
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(batch)
+    net.eval()
+
+
+def make_attribute_bundle(directory: Path, *, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = AttributeNetConfig(backbone=BACKBONE, input_size=SIZE)
+    net = AttributeNet(config)
+    _calibrate(net, seed)
+    manifest = Manifest(
+        name="test-attributes",
+        task="attributes",
+        architecture=config.to_dict(),
+        backbone=BACKBONE,
+        input_size=SIZE,
+        mean=config.mean,
+        std=config.std,
+        attribute_schema=schema_as_dict(),
+    )
+    save_bundle(directory, net, manifest)
+    return directory
+
+
+def make_reid_bundle(directory: Path, *, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = ReIDNetConfig(backbone=BACKBONE, input_size=SIZE)
+    net = ReIDNet(config)
+    _calibrate(net, seed)
+    manifest = Manifest(
+        name=f"test-reid-{seed}",
+        task="reid",
+        architecture=config.to_dict(),
+        backbone=BACKBONE,
+        input_size=SIZE,
+        mean=config.mean,
+        std=config.std,
+        embedding=EmbeddingSpec(dim=net.embedding_dim),
+        match_threshold=MATCH_THRESHOLD,
+        metrics={"rank1": 0.0, "note": "random weights, for tests"},
+    )
+    save_bundle(directory, net, manifest)
+    return directory
+
+
+def sqlite_url(directory: Path) -> str:
+    return f"sqlite:///{directory / 'gallery.sqlite3'}"
+
+
+def fresh_postgres() -> str:
+    if not POSTGRES_URL:
+        pytest.skip("REID_TEST_POSTGRES_URL is not set; `source .ci/postgres.sh` starts a server and sets it")
+    engine = create_engine(POSTGRES_URL)
+    drop_schema(engine)
+    engine.dispose()
+    return POSTGRES_URL
+
+
+def make_settings(bundles: Bundles, data_dir: Path, **overrides) -> Settings:
+    values = {
+        "attribute_bundle": bundles.attributes,
+        "reid_bundle": bundles.reid,
+        "data_dir": data_dir,
+        "api_keys": [],
+        "database_url": None,
+    } | overrides
+    return Settings(**values)
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def crop(person: SyntheticIdentity, cam: int = 1, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """One encoded crop; the same arguments give the same bytes."""
+    return encode(render(person, cam, np.random.default_rng([person.pid, cam, seed]), SIZE), fmt)
+
+
+def files(*blobs: bytes, field: str = "images") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"crop{i}.png", blob, "image/png")) for i, blob in enumerate(blobs)]
+
+
+def enroll(client, *blobs: bytes, expect: int | None = None, **data) -> list[dict]:
+    """POST /gallery; returns the entries (and checks the status code when ``expect`` is given)."""
+    response = client.post("/gallery", files=files(*blobs), data=data)
+    assert response.status_code == (expect or response.status_code), response.text
+    assert response.status_code in (200, 201), response.text
+    return response.json()["entries"]
+
+
+def query(client, blob: bytes, **data) -> list[dict]:
+    """POST /reid/query; returns the matches."""
+    response = client.post("/reid/query", files=files(blob, field="image"), data=data)
+    assert response.status_code == 200, response.text
+    return response.json()["matches"]
+
+
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def database_for(kind: str, directory: Path) -> str:
+    """A fresh database: a new SQLite file in ``directory``, or the emptied PostgreSQL test database."""
+    return sqlite_url(directory) if kind == "sqlite" else fresh_postgres()
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
