@@ -1,0 +1,141 @@
+"""Start-up paths: defaults, fail-fast without bundles, settings from the environment, `reid-serve`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app, serve
+from app.settings import Settings
+from tests.service.helpers import crop, enroll, files, query
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clear_reid_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("REID_"):
+            monkeypatch.delenv(name)
+
+
+def reid_serve() -> list[str]:
+    script = Path(sys.executable).with_name("reid-serve")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_defaults_need_no_configuration(monkeypatch):
+    clear_reid_env(monkeypatch)
+    settings = Settings()
+    assert settings.attribute_bundle_dir == Path("models_store/attributes")
+    assert settings.reid_bundle_dir == Path("models_store/reid")
+    assert settings.database == "sqlite:///data/gallery.sqlite3"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.api_keys == []
+    monkeypatch.setenv("REID_MODELS_DIR", "/srv/models")
+    monkeypatch.setenv("REID_API_KEYS", "a, b ,")
+    settings = Settings()
+    assert settings.reid_bundle_dir == Path("/srv/models/reid")
+    assert settings.key_bytes() == [b"a", b"b"]
+
+
+def test_missing_bundles_fail_fast_with_one_line(monkeypatch, tmp_path, bundles):
+    clear_reid_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        serve([])
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert "attributes bundle not found at models_store/attributes" in message and "reid-train" in message
+
+    monkeypatch.setenv("REID_ATTRIBUTE_BUNDLE", str(bundles.attributes))
+    with pytest.raises(SystemExit) as exc:
+        serve([])
+    assert "reid bundle not found at models_store/reid" in str(exc.value.code)
+
+    monkeypatch.setenv("REID_REID_BUNDLE", str(bundles.attributes))  # a bundle of the wrong task
+    with pytest.raises(SystemExit) as exc:
+        serve([])
+    assert "'attributes' bundle where a 'reid' bundle was expected" in str(exc.value.code)
+
+
+def test_reid_serve_without_bundles_prints_one_line(tmp_path, monkeypatch):
+    clear_reid_env(monkeypatch)
+    result = subprocess.run(reid_serve(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "models_store/attributes" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_create_app_reads_the_environment(monkeypatch, bundles, database_url, tmp_path, people):
+    """The container's path: everything from REID_* variables, nothing passed in."""
+    clear_reid_env(monkeypatch)
+    monkeypatch.setenv("REID_ATTRIBUTE_BUNDLE", str(bundles.attributes))
+    monkeypatch.setenv("REID_REID_BUNDLE", str(bundles.reid))
+    monkeypatch.setenv("REID_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("REID_DATABASE_URL", database_url)
+    with TestClient(create_app()) as client:
+        (entry,) = enroll(client, crop(people[0]), identity="env")
+        assert query(client, crop(people[0]), top_k=1)[0]["entry_id"] == entry["id"]
+    if database_url.startswith("sqlite"):
+        assert Path(database_url.removeprefix("sqlite:///")).is_file()
+
+
+def test_reid_serve_runs_with_shipped_layout(monkeypatch, bundles, database_url, tmp_path, people):
+    """`reid-serve --port` in a directory holding models_store/: SQLite under ./data unless
+    REID_DATABASE_URL says otherwise; --port overrides REID_PORT."""
+    clear_reid_env(monkeypatch)
+    shutil.copytree(bundles.attributes, tmp_path / "models_store" / "attributes")
+    shutil.copytree(bundles.reid, tmp_path / "models_store" / "reid")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")}
+    env["REID_PORT"] = "1"  # overridden by --port
+    if not database_url.startswith("sqlite"):
+        env["REID_DATABASE_URL"] = database_url
+    port = free_port()
+    process = subprocess.Popen(
+        [*reid_serve(), "--port", str(port), "--log-level", "warning"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "reid-serve did not become ready"
+            time.sleep(0.3)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            response = client.post("/gallery", files=files(crop(people[0])), data={"identity": "served"})
+            assert response.status_code == 201, response.text
+            (best,) = query(client, crop(people[0]), top_k=1)
+            assert best["identity"] == "served"
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "REID_API_KEYS is not set" in output
+    if database_url.startswith("sqlite"):
+        assert (tmp_path / "data" / "gallery.sqlite3").is_file()
