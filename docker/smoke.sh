@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end check of the Docker deployment: build the image, start api + PostgreSQL with docker compose,
 # enroll crops through the API with an API key, query them back, restart the stack (down + up) and check
-# the gallery survived, then erase everything (down -v). Prints timings; exits non-zero on any failure.
+# the gallery survived, back it up with pg_dump, erase everything (down -v: the gallery is gone), restore the
+# dump into the fresh stack and query again, then down -v. Prints timings; exits non-zero on any failure.
 #
 #   docker/smoke.sh                 build and test (minutes: the first build downloads PyTorch)
 #   SMOKE_NO_BUILD=1 docker/smoke.sh   reuse the image already tagged $API_IMAGE
+#   SMOKE_NO_CACHE=1 docker/smoke.sh   build from scratch (to time a cold build)
 #
 # Settings (environment): TORCH_INDEX_URL (default: PyTorch's CPU index when reachable, else PyPI, whose
 # wheels carry CUDA), API_IMAGE (default reid-stack:smoke), API_PORT (default: a free port),
@@ -141,7 +143,7 @@ if [ -n "${SMOKE_NO_BUILD:-}" ]; then
 else
   log "building $API_IMAGE (torch from $TORCH_INDEX_URL) ..."
   t=$(now)
-  compose build api >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "image build failed"; }
+  compose build ${SMOKE_NO_CACHE:+--no-cache} api >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "image build failed"; }
   note "build" "$(secs "$t" "$(now)") s"
   grep -E '^torch [0-9]' "$WORK/build.log" | sed 's/^/  built with: /' || true
 fi
@@ -159,7 +161,8 @@ json() {  # json FILE PYTHON_EXPR  (the parsed document is `d`)
   python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1"
 }
 up() {  # start the stack and wait until both services report healthy
-  local t=$(now)
+  local t
+  t=$(now)
   compose up -d --no-build --wait --wait-timeout 300 >"$WORK/up.log" 2>&1 \
     || { cat "$WORK/up.log" >&2; fail "the stack did not become healthy"; }
   code=$(http GET /readyz "$WORK/ready.json")
@@ -167,7 +170,8 @@ up() {  # start the stack and wait until both services report healthy
   secs "$t" "$(now)"
 }
 query_all() {  # query every enrolled crop; checks it comes back first; writes "crop entry_id score" lines
-  local label=$1 out=$2 t=$(now) n=0
+  local label=$1 out=$2 t n=0 dt
+  t=$(now)
   : >"$out"
   for crop in "${ENROLL[@]}"; do
     name=$(basename "$crop" _c1.jpg)
@@ -180,7 +184,7 @@ query_all() {  # query every enrolled crop; checks it comes back first; writes "
     echo "$name $entry $score" >>"$out"
     n=$((n + 1))
   done
-  local dt=$(secs "$t" "$(now)")
+  dt=$(secs "$t" "$(now)")
   echo "$n/${#ENROLL[@]} own crops top-1 (score >= 0.99), $(python3 -c "print(f'{1000 * $dt / $n:.0f}')") ms/query incl. curl"
 }
 second_view() {  # the camera-2 crop of each identity: informational (random weights do not re-identify)
@@ -228,7 +232,9 @@ done
 dt=$(secs "$t" "$(now)")
 # The same bytes again: the existing entry, status 200, nothing new.
 code=$(http POST /gallery "$WORK/e.json" -H "X-API-Key: $KEY" -F "images=@${ENROLL[0]};type=image/jpeg" -F collection=smoke)
-[ "$code" = 200 ] && [ "$(json "$WORK/e.json" "d['existing']")" = 1 ] || fail "re-enrolling the same crop answered $code: $(cat "$WORK/e.json")"
+if [ "$code" != 200 ] || [ "$(json "$WORK/e.json" "d['existing']")" != 1 ]; then
+  fail "re-enrolling the same crop answered $code: $(cat "$WORK/e.json")"
+fi
 note "enroll" "$N_IDS crops in $dt s ($(python3 -c "print(f'{1000 * $dt / $N_IDS:.0f}')") ms/crop incl. curl); re-enroll -> existing"
 log "enrolled $N_IDS crops in $dt s"
 
@@ -261,15 +267,47 @@ cmp -s <(cut -d' ' -f1,2 "$WORK/before.txt") <(cut -d' ' -f1,2 "$WORK/after.txt"
 note "after restart" "gallery $AFTER entries (was $BEFORE); $r; same entries as before"
 log "after restart: $r"
 
-# ---------------------------------------------------------------- down -v erases the gallery
+# ---------------------------------------------------------------- backup, down -v, restore
+# The procedure of docs/deployment.md: pg_dump from the db service, erase everything, restore into a fresh
+# stack, and the API (restarted, so it rebuilds its index from the database) answers as before.
+STAGE=backup
+t=$(now)
+# shellcheck disable=SC2016  # $POSTGRES_USER / $POSTGRES_DB expand inside the db container
+compose exec -T db sh -c 'pg_dump -U "$POSTGRES_USER" -d "$POSTGRES_DB" -Fc' >"$WORK/gallery.dump" \
+  || fail "pg_dump failed"
+note "backup (pg_dump -Fc)" "$(stat -c %s "$WORK/gallery.dump") bytes in $(secs "$t" "$(now)") s"
+
 STAGE="down -v"
 t=$(now)
 compose down -v >/dev/null 2>&1 || fail "docker compose down -v failed"
 left=$(docker volume ls -q --filter "name=${COMPOSE_PROJECT_NAME}_" | wc -l)
 [ "$left" = 0 ] || fail "$left volumes left after down -v"
-note "down -v" "$(secs "$t" "$(now)") s, volumes removed"
+dt_down=$(secs "$t" "$(now)")
+dt=$(up)
+code=$(http GET /gallery/stats "$WORK/s.json" -H "X-API-Key: $KEY")
+EMPTY=$(json "$WORK/s.json" "d['entries']")
+[ "$EMPTY" = 0 ] || fail "after down -v and up the gallery has $EMPTY entries, expected none"
+note "down -v + up" "$dt_down s down (volumes removed), $dt s up: gallery empty"
+log "down -v erased the gallery"
 
-STAGE=done
+STAGE=restore
+t=$(now)
+compose stop api >/dev/null 2>&1 || fail "could not stop api"
+# shellcheck disable=SC2016
+compose exec -T db sh -c 'pg_restore -U "$POSTGRES_USER" -d "$POSTGRES_DB" --clean --if-exists --no-owner' \
+  <"$WORK/gallery.dump" || fail "pg_restore failed"
+dt=$(up)
+r=$(query_all "after restore" "$WORK/restored.txt")
+cmp -s <(cut -d' ' -f1,2 "$WORK/before.txt") <(cut -d' ' -f1,2 "$WORK/restored.txt") || fail "answers changed across backup/restore"
+note "restore (pg_restore)" "$(secs "$t" "$(now)") s incl. api restart ($dt s); $r; same entries"
+log "restored from the dump: $r"
+
+t=$(now)
+compose down -v >/dev/null 2>&1 || fail "docker compose down -v failed"
+[ "$(docker volume ls -q --filter "name=${COMPOSE_PROJECT_NAME}_" | wc -l)" = 0 ] || fail "volumes left after the final down -v"
+note "final down -v" "$(secs "$t" "$(now)") s"
+
+STAGE=finished
 echo
 echo "smoke summary"
 printf '%s\n' "${SUMMARY[@]}"
