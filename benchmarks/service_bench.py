@@ -2,8 +2,9 @@
 
 Measures, on this machine:
 
-- crops/s of ``POST /attributes`` and ``POST /gallery`` at 1 and 32 crops per request, next to the
-  model alone (decode + resize + forward in this process, no HTTP, no database);
+- crops/s (crops per request / median request time) of ``POST /attributes`` and ``POST /gallery``
+  at 1 and 32 crops per request, next to the model alone (decode + resize + forward in this process,
+  no HTTP, no database);
 - ``POST /reid/query`` latency p50/p99 at gallery sizes 10k and 100k (synthetic embeddings written
   straight into the database, then indexed by the server at start), without and with a camera filter,
   next to the index alone (FAISS search in this process) and the query crop's embedding alone.
@@ -123,12 +124,15 @@ def percentiles(samples: Sequence[float]) -> tuple[float, float]:
 
 
 def crops_per_second(run: Callable[[list[bytes]], object], crops: Crops, batch: int, requests: int) -> float:
+    """``batch`` / the median request time: robust to bursts of load from other processes."""
     run(crops.take(batch))  # warm-up
-    batches = [crops.take(batch) for _ in range(requests)]
-    start = time.perf_counter()
-    for blobs in batches:
+    samples = []
+    for _ in range(requests):
+        blobs = crops.take(batch)
+        start = time.perf_counter()
         run(blobs)
-    return batch * requests / (time.perf_counter() - start)
+        samples.append(time.perf_counter() - start)
+    return batch / statistics.median(samples)
 
 
 def latencies(run: Callable[[], object], n: int) -> tuple[float, float]:
