@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.gallery.gallery import Gallery
@@ -45,7 +45,13 @@ def get_session(gallery: GalleryDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_entry_or_404(entry_id: int, session: SessionDep) -> Entry:
+# Entry ids are positive 64-bit integers; larger numbers are a 422, not a database overflow.
+EntryId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Entry id.")]
+# Text that reaches the database: PostgreSQL refuses NUL characters, so they are refused here first.
+NO_NUL = r"^[^\x00]*$"
+
+
+def get_entry_or_404(entry_id: EntryId, session: SessionDep) -> Entry:
     entry = get_entry(session, entry_id=entry_id)
     if entry is None:
         raise HTTPException(404, f"no gallery entry with id {entry_id}")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
 
 from app.api.uploads import decode_crops, offload, read_images
-from app.deps import EntryDep, GalleryDep, SessionDep, SettingsDep
+from app.deps import NO_NUL, EntryDep, EntryId, GalleryDep, SessionDep, SettingsDep
 from app.gallery import store
 from app.gallery.gallery import EntryFields
 from app.schemas import Deleted, EnrollResponse, EntryPage, GalleryEntry, GalleryStats, Problem
@@ -59,8 +59,11 @@ async def enroll(
     images: Annotated[
         list[UploadFile], File(description="One or more crops of one person (repeat the field).")
     ],
-    identity: Annotated[str | None, Form(max_length=256, description="Who this is, if known.")] = None,
-    camera_id: Annotated[str | None, Form(max_length=128)] = None,
+    identity: Annotated[
+        str | None,
+        Form(max_length=256, pattern=NO_NUL, description="Who this is, if known.", examples=["person-0007"]),
+    ] = None,
+    camera_id: Annotated[str | None, Form(max_length=128, pattern=NO_NUL, examples=["cam-3"])] = None,
     captured_at: Annotated[
         datetime | None, Form(description="ISO 8601; without a zone it means UTC.")
     ] = None,
@@ -98,11 +101,11 @@ async def enroll(
 def list_entries(
     session: SessionDep,
     gallery: GalleryDep,
-    collection: str | None = None,
-    identity: str | None = None,
-    camera_id: str | None = None,
+    collection: Annotated[str | None, Query(max_length=128, pattern=NO_NUL)] = None,
+    identity: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None,
+    camera_id: Annotated[str | None, Query(max_length=128, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> EntryPage:
     """Entries in id order, one page at a time."""
     rows, total = store.list_entries(
@@ -130,7 +133,7 @@ def get_entry(entry: EntryDep, gallery: GalleryDep) -> GalleryEntry:
 
 
 @router.delete("/{entry_id}", response_model=Deleted, responses=NOT_FOUND)
-def delete_entry(entry_id: int, gallery: GalleryDep) -> Deleted:
+def delete_entry(entry_id: EntryId, gallery: GalleryDep) -> Deleted:
     """Remove one entry from the database and the index."""
     if not gallery.delete(entry_id):
         raise HTTPException(404, f"no gallery entry with id {entry_id}")
@@ -140,8 +143,16 @@ def delete_entry(entry_id: int, gallery: GalleryDep) -> Deleted:
 @router.delete("", response_model=Deleted)
 def erase_identity(
     gallery: GalleryDep,
-    identity: Annotated[str, Query(min_length=1, description="Every entry of this identity is deleted.")],
-    collection: str = "default",
+    identity: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=256,
+            pattern=NO_NUL,
+            description="Every entry of this identity is deleted.",
+        ),
+    ],
+    collection: Annotated[str, Query(max_length=128, pattern=NO_NUL)] = "default",
 ) -> Deleted:
     """Erase a person: every entry with this identity in the collection."""
     ids = gallery.erase_identity(collection=collection, identity=identity)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 
 from app.api.uploads import decode_images, offload, read_images
-from app.deps import GalleryDep, ModelsDep, SettingsDep
+from app.deps import NO_NUL, GalleryDep, ModelsDep, SettingsDep
 from app.gallery.store import SearchFilters
 from app.inference import AttributeModel
 from app.schemas import Problem, QueryResponse, ReIDModelRef
@@ -50,7 +50,7 @@ async def query(
     top_k: Annotated[
         int, Form(ge=1, description="How many matches to return (at most REID_MAX_TOP_K).")
     ] = 10,
-    collection: Annotated[str, Form(min_length=1, max_length=128)] = "default",
+    collection: Annotated[str, Form(min_length=1, max_length=128, pattern=NO_NUL)] = "default",
     camera_id: Annotated[
         list[str], Form(description="Only entries from these cameras (repeat the field).")
     ] = [],  # noqa: B006 - FastAPI copies defaults
@@ -68,6 +68,7 @@ async def query(
         Form(
             description="Attribute filter 'group=class', e.g. upper_colour=red; repeat the field. "
             "Classes of one group are alternatives; different groups must all hold.",
+            examples=[["upper_colour=red", "gender=female"]],
         ),
     ] = [],  # noqa: B006
     min_score: Annotated[float | None, Form(ge=-1, le=1, description="Drop matches below this.")] = None,
@@ -82,6 +83,12 @@ async def query(
     """
     if top_k > settings.max_top_k:
         raise HTTPException(422, f"top_k is {top_k}; the limit is {settings.max_top_k}")
+    images = (await request.form()).getlist("image")
+    if len(images) != 1:
+        raise HTTPException(422, f"send exactly one file in 'image', not {len(images)}")
+    for name, values in (("camera_id", camera_id), ("exclude_camera_id", exclude_camera_id)):
+        if any("\x00" in v or len(v) > 128 for v in values):
+            raise HTTPException(422, f"{name}: values must be at most 128 characters, without NUL")
     filters = SearchFilters(
         cameras=tuple(c for c in camera_id if c),
         exclude_cameras=tuple(c for c in exclude_camera_id if c),

@@ -124,8 +124,18 @@ def test_whole_request_body_limit(client, good):
         ({"captured_at": "yesterday"}, ["captured_at"]),
         ({"collection": "../../etc"}, ["collection"]),
         ({"identity": "x" * 300}, ["identity"]),
+        ({"identity": "a\x00b"}, ["identity"]),
+        ({"camera_id": "cam\x00"}, ["camera_id"]),
     ],
-    ids=["metadata-syntax", "metadata-type", "time", "collection-path", "identity-length"],
+    ids=[
+        "metadata-syntax",
+        "metadata-type",
+        "time",
+        "collection-path",
+        "identity-length",
+        "nul",
+        "nul-camera",
+    ],
 )
 def test_bad_enroll_fields(client, good, data, words):
     check(client.post("/gallery", files=files(good), data=data), 422, *words)
@@ -143,6 +153,8 @@ def test_bad_enroll_fields(client, good, data, words):
         ({"attribute": "upper_colour"}, ["group=class"]),
         ({"attribute": "shoe_size=42"}, ["unknown attribute group", "upper_colour"]),
         ({"attribute": "upper_colour=chartreuse"}, ["unknown class", "red"]),
+        ({"camera_id": ["ok", "bad\x00"]}, ["camera_id"]),
+        ({"collection": "x\x00"}, ["collection"]),
     ],
     ids=[
         "top-k-0",
@@ -154,6 +166,8 @@ def test_bad_enroll_fields(client, good, data, words):
         "attr-form",
         "attr-group",
         "attr-class",
+        "nul-camera",
+        "nul-collection",
     ],
 )
 def test_bad_query_fields(client, good, data, words):
@@ -164,6 +178,7 @@ def test_missing_or_misplaced_files(client, good):
     check(client.post("/attributes", data={"x": "1"}), 422, "images")
     check(client.post("/gallery", data={"identity": "a"}), 422, "images")
     check(client.post("/reid/query", files=files(good)), 422, "image")  # sent as 'images'
+    check(client.post("/reid/query", files=files(good, good, field="image")), 422, "exactly one")
     check(client.post("/attributes", data={"images": "not a file"}), 422, "images")
     check(
         client.post("/attributes", content=b"{}", headers={"content-type": "application/json"}), 422, "images"
@@ -174,6 +189,11 @@ def test_unknown_entries_and_bad_paths(client):
     check(client.get("/gallery/987654"), 404, "987654")
     check(client.delete("/gallery/987654"), 404, "987654")
     check(client.get("/gallery/abc"), 422, "entry_id")
+    check(client.get(f"/gallery/{10**20}"), 422, "entry_id")
+    check(client.delete(f"/gallery/{2**63}"), 422, "entry_id")
+    check(client.get("/gallery", params={"offset": 10**20}), 422, "offset")
+    check(client.get("/gallery", params={"identity": "a\x00"}), 422, "identity")
+    check(client.delete("/gallery", params={"identity": "a\x00"}), 422, "identity")
     check(client.delete("/gallery"), 422, "identity")
     check(client.get("/gallery", params={"limit": 0}), 422, "limit")
     check(client.get("/gallery", params={"limit": 10_000}), 422, "limit")
