@@ -19,12 +19,15 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import api_router
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
+from app.gallery.store import open_engine
 from app.inference import Models, check_bundle
 from app.metrics import ServiceMetrics
 from app.security import key_digests
@@ -207,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def preflight(settings: Settings) -> str | None:
-    """A one-line reason the service cannot start, or None."""
+    """A one-line reason the service cannot start (bundles, database), or None."""
     for directory, task in (
         (settings.attribute_bundle_dir, "attributes"),
         (settings.reid_bundle_dir, "reid"),
@@ -216,6 +219,18 @@ def preflight(settings: Settings) -> str | None:
             check_bundle(directory, task)
         except BundleError as exc:
             return f"{exc}; {BUNDLE_HELP}"
+    try:
+        where = make_url(settings.database).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "REID_DATABASE_URL is not a database URL (e.g. postgresql+psycopg://user:pass@host/db)"
+    try:
+        engine = open_engine(settings.database)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except (SQLAlchemyError, OSError, ImportError) as exc:
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"cannot open the database {where}: {reason}"
     return None
 
 

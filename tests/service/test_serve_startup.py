@@ -74,6 +74,20 @@ def test_missing_bundles_fail_fast_with_one_line(monkeypatch, tmp_path, bundles)
     assert "'attributes' bundle where a 'reid' bundle was expected" in str(exc.value.code)
 
 
+def test_unreachable_database_fails_fast_with_one_line(monkeypatch, bundles):
+    clear_reid_env(monkeypatch)
+    monkeypatch.setenv("REID_ATTRIBUTE_BUNDLE", str(bundles.attributes))
+    monkeypatch.setenv("REID_REID_BUNDLE", str(bundles.reid))
+    monkeypatch.setenv("REID_DATABASE_URL", "postgresql+psycopg://reid:secret@127.0.0.1:1/nowhere")
+    with pytest.raises(SystemExit) as exc:
+        serve([])
+    message = str(exc.value.code)
+    assert message.startswith(
+        "reid-serve: cannot open the database postgresql+psycopg://reid:***@127.0.0.1:1/"
+    )
+    assert "\n" not in message and "secret" not in message
+
+
 def test_reid_serve_without_bundles_prints_one_line(tmp_path, monkeypatch):
     clear_reid_env(monkeypatch)
     result = subprocess.run(reid_serve(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
