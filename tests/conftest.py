@@ -22,7 +22,9 @@ from tests.synthetic import make_course_dataset, make_original_dataset  # noqa: 
 SHARED_DATA = Path(os.environ.get("REID_DATA_ROOT", ROOT.parent / "shared" / "data" / "market1501"))
 SHARED_WEIGHTS = ROOT.parent / "shared" / "weights"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait
+# on each other make the tests many times slower (measured: 20x for a 64x32 OSNet forward under load).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,3 +64,21 @@ def learn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("learn")
     make_course_dataset(root, n_ids=40, images_per_id=8, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def attribute_run(course_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch attribute run (osnet_x0_25, random init, 64x32) made through the CLI."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    run_dir = tmp_path_factory.mktemp("runs") / "attributes"
+    args = [
+        "train-attributes", "--data-root", str(course_root), "--backbone", "osnet_x0_25",
+        "--input-size", "64x32", "--epochs", "2", "--batch-size", "16", "--run-dir", str(run_dir),
+        "--cache-dir", str(run_dir.parent / "cache"), "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return run_dir

@@ -25,7 +25,8 @@ Task contract (a structural protocol; see ``training/tasks/attributes.py`` for a
         def load_state_dict(self, state: dict) -> None  # optional: restore them on --resume
 
     A batch's image count (for images/s) is ``len(batch[0])`` for a tuple/list batch, ``len(batch)``
-    for a tensor, or ``batch['images']`` for a dict.
+    for a tensor, or ``batch['images']`` for a dict. When ``train_batches`` returns something with a
+    ``len()`` (e.g. :class:`Batches`), the progress bar shows the epoch's total.
 
 The Trainer handles: device selection (``auto`` = CUDA when available), mixed precision and channels-last
 on CUDA, Adam with ``config.lr`` / ``config.weight_decay``, an optional linear warm-up and step decay
@@ -74,6 +75,19 @@ class Task(Protocol):
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]: ...
 
     def validate(self) -> dict[str, float]: ...
+
+
+class Batches:
+    """An iterable of batches with a known count, so the progress bar can show the epoch's total."""
+
+    def __init__(self, batches: Iterable[Any], count: int) -> None:
+        self.batches, self.count = batches, count
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class RunExistsError(RuntimeError):
@@ -307,8 +321,10 @@ class Trainer:
         cfg = self.config
         sums: dict[str, float] = {}
         steps, images, elapsed = 0, 0, 0.0
+        batches = task.train_batches(epoch)
         bar = tqdm(
-            task.train_batches(epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+            batches, total=len(batches) if hasattr(batches, "__len__") else None,
+            desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
             disable=not cfg.progress, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         tick = time.perf_counter()

@@ -116,7 +116,7 @@ def split_identities(
 
     # 2. Repair: a class with two or more identities all on one side gets one moved across.
     for key in sorted(members, key=lambda k: (len(members[k]), k)):
-        for where, other in (("train", "val"), ("val", "train")):
+        for other in ("val", "train"):
             if len(members[key]) >= 2 and count(key, other) == 0:
                 candidates = [p for p in members[key] if movable(p)]
                 if candidates:

@@ -1,0 +1,119 @@
+"""reid-train: train-attributes, resume, split, data-stats, export, predict-attributes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from app.schema import CSV_COLUMNS
+from training.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def test_train_run_directory(attribute_run):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "best.pt",
+        "last.pt",
+        "split.json",
+        "val_metrics.json",
+        "report.md",
+    ):
+        assert (attribute_run / name).is_file(), name
+    for plot in ("class_balance", "loss", "accuracy", "confusion_age", "confusion_upper_colour"):
+        assert (attribute_run / "plots" / f"{plot}.png").stat().st_size > 1000
+    report = (attribute_run / "report.md").read_text()
+    assert "plots/class_balance.png" in report and "majority" in report
+    assert len(json.loads((attribute_run / "metrics.json").read_text())) == 2
+
+
+def test_resume_continues_and_refuses_changes(attribute_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attribute_run, run)
+    result = invoke("train-attributes", "--resume", "--run-dir", run, "--epochs", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    history = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    refused = invoke("train-attributes", "--resume", "--run-dir", run, "--lr", "0.1")
+    assert refused.exit_code == 1 and "cannot change: lr" in refused.output
+
+
+def test_existing_run_is_not_overwritten(attribute_run, course_root):
+    result = invoke(
+        "train-attributes", "--data-root", course_root, "--run-dir", attribute_run, "--epochs", "1"
+    )
+    assert result.exit_code == 1 and "--resume" in result.output
+
+
+def test_clear_errors(tmp_path):
+    missing = invoke("train-attributes", env={"REID_DATA_ROOT": ""})
+    assert missing.exit_code == 1 and "REID_DATA_ROOT" in missing.output
+    nowhere = invoke("train-attributes", "--data-root", tmp_path / "nowhere", "--run-dir", tmp_path / "r")
+    assert nowhere.exit_code == 1 and "not found" in nowhere.output
+    bad = invoke("train-attributes", "--data-root", tmp_path, "--init-weights", tmp_path / "x.pth")
+    assert bad.exit_code == 1 and "x.pth" in bad.output
+    size = invoke("train-attributes", "--data-root", tmp_path, "--input-size", "256by128")
+    assert size.exit_code != 0 and "HEIGHTxWIDTH" in size.output
+
+
+def test_split_and_data_stats(course_root, tmp_path):
+    result = invoke("split", "--out", tmp_path / "split.json", env={"REID_DATA_ROOT": str(course_root)})
+    assert result.exit_code == 0, result.output
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert len(split["train_ids"]) + len(split["val_ids"]) == 12
+    stats = invoke("data-stats", "--data-root", course_root, "--out", tmp_path / "stats")
+    assert stats.exit_code == 0, stats.output
+    counts = json.loads((tmp_path / "stats" / "class_counts.json").read_text())
+    assert sum(counts["gender"]) == 12 and (tmp_path / "stats" / "class_balance.png").is_file()
+
+
+def test_export_and_predict(attribute_run, course_root, tmp_path):
+    result = invoke("export", attribute_run, "--store", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "store" / "attributes"
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted(p.name for p in (course_root / "train").glob("*.jpg"))[:10]
+    for name in names:
+        shutil.copy(course_root / "train" / name, images / name)
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    result = invoke(
+        "predict-attributes", "--bundle", bundle, "--images", images, "--out", out, "--batch-size", "4"
+    )
+    assert result.exit_code == 0, result.output
+    with out.open() as fh:
+        header = fh.readline().strip()
+    assert header == ",".join(CSV_COLUMNS)
+    assert header == (course_root / "annotations_train.csv").read_text().splitlines()[0]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == names
+    for row in rows:
+        assert 1 <= int(row["age"]) <= 4 and row["gender"] in ("1", "2")
+        assert sum(row[c] == "2" for c in CSV_COLUMNS if c.startswith("up") and c != "up") <= 1
+
+
+def test_predict_rejects_a_reid_bundle_and_bad_dirs(attribute_run, tmp_path):
+    result = invoke(
+        "predict-attributes", "--bundle", tmp_path, "--images", tmp_path, "--out", tmp_path / "x.csv"
+    )
+    assert result.exit_code == 1 and "manifest" in result.output
+
+
+@pytest.mark.shared_data
+def test_data_stats_on_real_data(shared_data_root, tmp_path):
+    result = invoke("data-stats", "--data-root", shared_data_root, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((tmp_path / "class_counts.json").read_text())
+    assert sum(counts["gender"]) == 751

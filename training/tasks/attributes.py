@@ -1,0 +1,302 @@
+"""The attribute task for the Trainer: the report's multi-head classifier and class-weighted loss.
+
+Model (``app.nets.attributes.AttributeNet``): a backbone, global average pooling, one head per group
+(Dropout 0.2 + Linear with 2 / 4 / 9 / 10 outputs). Loss: per head, cross-entropy weighted by
+``majority count / class count`` (the report's class weights), summed over the 12 heads
+(``training.losses.MultiHeadCrossEntropy``). Defaults (the report): Adam lr 1e-4, weight decay 5e-4,
+batch 128, up to 100 epochs, early stopping after 5 epochs without a lower validation loss.
+
+Class weights are counted over the training split's identities, one count per identity as in the
+report (which counted rows of the annotation file); a class absent from training gets weight 1.
+
+After training, :func:`finish_attribute_run` evaluates the best checkpoint on the validation split and
+writes ``val_metrics.json``, the plots and ``report.md`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.nets.attributes import AttributeNet, AttributeNetConfig
+from app.schema import ATTRIBUTE_GROUPS, Labels
+from training.config import AttributeTrainConfig
+from training.data.cache import cached_images
+from training.data.market import MarketData, Sample, load_market
+from training.data.split import Split, resolve_split
+from training.data.transforms import BatchAugment, to_model_input
+from training.engine import Batches
+from training.evaluation.attributes import AttributeEvaluator, majority_baseline
+from training.losses import MultiHeadCrossEntropy
+
+GROUP_NAMES = tuple(g.name for g in ATTRIBUTE_GROUPS)
+
+
+def class_counts(labels: Sequence[Labels]) -> dict[str, list[int]]:
+    """Per group, how many of ``labels`` fall in each class."""
+    counts = {g.name: [0] * g.num_classes for g in ATTRIBUTE_GROUPS}
+    for lab in labels:
+        for g in ATTRIBUTE_GROUPS:
+            counts[g.name][lab[g.name]] += 1
+    return counts
+
+
+def class_weights(labels: Sequence[Labels]) -> dict[str, torch.Tensor]:
+    """The report's weights: per group, majority-class count / class count (absent class: 1)."""
+    weights = {}
+    for name, counts in class_counts(labels).items():
+        top = max(counts)
+        weights[name] = torch.tensor([top / c if c else 1.0 for c in counts], dtype=torch.float32)
+    return weights
+
+
+def label_matrix(samples: Sequence[Sample], attributes: Mapping[int, Labels]) -> torch.Tensor:
+    """(N, 12) int64 class indices of each sample's identity, in ``ATTRIBUTE_GROUPS`` order."""
+    return torch.tensor(
+        [[attributes[s.pid][n] for n in GROUP_NAMES] for s in samples], dtype=torch.long
+    ).view(-1, len(GROUP_NAMES))
+
+
+@dataclass
+class AttributeData:
+    """Training and validation images (uint8 caches) with their (N, 12) labels."""
+
+    train: list[Sample]
+    val: list[Sample]
+    train_images: torch.Tensor
+    val_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+    split: Split
+    data: MarketData
+
+    def train_identity_labels(self) -> list[Labels]:
+        return [self.data.attributes[pid] for pid in self.split.train_ids]
+
+
+def load_attribute_data(config: AttributeTrainConfig, run_dir: str | Path) -> AttributeData:
+    """Read the dataset, apply ``limit_ids``, reuse or make the split, decode into the cache.
+
+    ``config.layout`` and ``config.data_fingerprint`` are filled in (the saved config records them);
+    a resumed run whose data changed is refused.
+    """
+    data = load_market(config.data_root, config.layout)
+    if config.data_fingerprint and config.data_fingerprint != data.fingerprint:
+        raise ValueError(
+            f"{config.data_root}: the data changed since this run started "
+            f"(fingerprint {data.fingerprint[:12]} != {config.data_fingerprint[:12]})"
+        )
+    config.layout, config.data_fingerprint = data.layout, data.fingerprint
+    data = data.limit_train_ids(config.limit_ids, config.seed)
+    labels = {pid: data.attributes[pid] for pid in data.train_ids}
+    split = resolve_split(
+        labels,
+        split_file=config.split_file,
+        run_dir=run_dir,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        data_fingerprint=data.fingerprint,
+    )
+    train, val = split.partition(data.train)
+    cache = config.cache_dir or None
+    images = cached_images(
+        [s.path for s in data.train],
+        config.input_size,
+        cache,
+        workers=config.workers,
+        progress=config.progress,
+    )
+    row = {s.path: i for i, s in enumerate(data.train)}
+    return AttributeData(
+        train,
+        val,
+        images[[row[s.path] for s in train]],
+        images[[row[s.path] for s in val]],
+        label_matrix(train, data.attributes),
+        label_matrix(val, data.attributes),
+        split,
+        data,
+    )
+
+
+class AttributeTask:
+    """Model, batches, loss and validation of an attribute run (the Trainer's Task protocol)."""
+
+    name = "attributes"
+
+    def __init__(
+        self,
+        config: AttributeTrainConfig,
+        data: AttributeData,
+        *,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        model: AttributeNet | None = None,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.model = model or AttributeNet(
+            AttributeNetConfig(
+                backbone=config.backbone, input_size=config.input_size, dropout=config.dropout
+            ),
+            init_weights=config.init_weights,
+        )
+        if config.class_weights == "majority":
+            self.weights = class_weights(data.train_identity_labels())
+        else:
+            self.weights = {g.name: torch.ones(g.num_classes) for g in ATTRIBUTE_GROUPS}
+        self.criterion = MultiHeadCrossEntropy(self.weights).to(self.device)
+        self.augment = BatchAugment(
+            flip_p=0.5 if config.flip else 0.0,
+            pad=config.pad,
+            erase_p=config.erase_p,
+            channels_last=channels_last,
+        )
+
+    # Trainer protocol ------------------------------------------------------------------------------
+    def train_batches(self, epoch: int) -> Batches:
+        """Shuffled batches; the order depends on (seed, epoch) only, so a resumed epoch repeats it."""
+        n, bs = len(self.data.train), self.config.batch_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+        chunks = [order[start : start + bs] for start in range(0, n, bs)]
+        chunks = [c for c in chunks if len(c) >= 2]  # BatchNorm cannot train on a single image
+        return Batches(((self.data.train_images[c], self.data.train_labels[c]) for c in chunks), len(chunks))
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        x = self.augment(images.to(self.device, non_blocking=True))
+        logits = self.model(x)
+        return self.criterion(logits, self.targets(labels.to(self.device, non_blocking=True)))
+
+    def validate(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+    # Evaluation --------------------------------------------------------------------------------------
+    @staticmethod
+    def targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: labels[:, j] for j, name in enumerate(GROUP_NAMES)}
+
+    @torch.no_grad()
+    def evaluate(self, *, confusion: bool = False) -> dict[str, Any]:
+        """Validation loss (the training loss, image-weighted mean over batches) and the metrics."""
+        self.model.eval()
+        evaluator = AttributeEvaluator()
+        total, count = 0.0, 0
+        bs = self.config.eval_batch_size
+        for start in range(0, len(self.data.val), bs):
+            x = to_model_input(self.data.val_images[start : start + bs], self.device, self.channels_last)
+            labels = self.data.val_labels[start : start + bs].to(self.device)
+            logits = self.model(x)
+            total += float(self.criterion(logits, self.targets(labels))["loss"]) * len(labels)
+            count += len(labels)
+            evaluator.process(logits, labels)
+        return {"val_loss": total / max(count, 1), **evaluator.evaluate(confusion=confusion)}
+
+
+def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, Any]:
+    """Evaluate the best checkpoint on validation; write val_metrics.json, plots and report.md."""
+    from training.engine import BEST, METRICS_FILE, load_checkpoint
+    from training.plots.attributes import plot_class_balance, plot_confusion
+    from training.plots.curves import plot_curves
+
+    run_dir = Path(run_dir)
+    best = load_checkpoint(run_dir / BEST)
+    task.model.load_state_dict(best["model"])
+    task.model.to(task.device)
+    metrics = task.evaluate(confusion=True)
+    baseline = majority_baseline(task.data.train_labels, task.data.val_labels)
+    result = {
+        "best_epoch": best["epoch"],
+        "validation": metrics,
+        "majority_baseline": baseline,
+        "class_weights": {k: v.tolist() for k, v in task.weights.items()},
+        "images": {"train": len(task.data.train), "val": len(task.data.val)},
+        "identities": {"train": len(task.data.split.train_ids), "val": len(task.data.split.val_ids)},
+    }
+    (run_dir / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    history = json.loads((run_dir / METRICS_FILE).read_text())
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    identity_labels = [
+        task.data.data.attributes[p] for p in task.data.split.train_ids + task.data.split.val_ids
+    ]
+    plot_class_balance(class_counts(identity_labels), plots / "class_balance.png", unit="identities")
+    plot_curves(history, plots / "loss.png", ["train_loss", "val_loss"], title="Loss")
+    plot_curves(history, plots / "accuracy.png", ["mean_accuracy", "mA", "instance_f1"], title="Validation")
+    for group in ("age", "upper_colour", "lower_colour"):
+        g = next(x for x in ATTRIBUTE_GROUPS if x.name == group)
+        plot_confusion(metrics["confusion"][group], g.classes, plots / f"confusion_{group}.png", title=group)
+    (run_dir / "report.md").write_text(attribute_report(task.config, result, history))
+    return result
+
+
+def attribute_report(
+    config: AttributeTrainConfig, result: dict[str, Any], history: list[dict[str, Any]]
+) -> str:
+    """A short markdown report linking the plots."""
+    val, base = result["validation"], result["majority_baseline"]
+    seconds = [r["seconds"] for r in history]
+    speed = [r["images_per_s"] for r in history]
+    lines = [
+        "# Attribute classifier run",
+        "",
+        f"- Backbone `{config.backbone}`, input {config.input_size[0]}x{config.input_size[1]}, "
+        f"init weights `{config.init_weights}`",
+        f"- Data `{config.data_root}` ({config.layout} layout, "
+        f"fingerprint `{config.data_fingerprint[:12]}`): "
+        f"{result['identities']['train']} / {result['identities']['val']} identities, "
+        f"{result['images']['train']} / {result['images']['val']} images (train / validation)",
+        f"- {len(history)} epochs, best epoch {result['best_epoch']} (lowest `{config.monitor}`); "
+        f"{sum(seconds) / max(len(seconds), 1):.0f} s per epoch, "
+        f"{sum(speed) / max(len(speed), 1):.0f} training images/s",
+        "",
+        "## Validation metrics (best epoch)",
+        "",
+        "| metric | model | majority class |",
+        "| --- | --- | --- |",
+    ]
+    summary = (
+        "mean_accuracy",
+        "mA",
+        "mA_binary",
+        "instance_accuracy",
+        "instance_precision",
+        "instance_recall",
+    )
+    for key in (*summary, "instance_f1"):
+        lines.append(f"| {key} | {val[key]:.4f} | {base[key]:.4f} |")
+    lines += ["", "| group | accuracy | balanced accuracy | majority accuracy |", "| --- | --- | --- | --- |"]
+    for g in ATTRIBUTE_GROUPS:
+        lines.append(
+            f"| {g.name} | {val[f'accuracy/{g.name}']:.4f} | {val[f'balanced_accuracy/{g.name}']:.4f} "
+            f"| {base[f'accuracy/{g.name}']:.4f} |"
+        )
+    lines += [
+        "",
+        "mA is the mean over the 12 groups of the balanced accuracy ((TPR + TNR) / 2 for binary groups); "
+        "mA_binary is the literature's label-based mA over the 30 binary attributes; see "
+        "`training/evaluation/attributes.py` for the exact definitions.",
+        "",
+        "## Plots",
+        "",
+        "![class balance](plots/class_balance.png)",
+        "",
+        "![loss](plots/loss.png) ![validation metrics](plots/accuracy.png)",
+        "",
+        "![age](plots/confusion_age.png) ![upper colour](plots/confusion_upper_colour.png) "
+        "![lower colour](plots/confusion_lower_colour.png)",
+        "",
+        "Files: `config.json` (resolved config), `metrics.json` (per epoch), `val_metrics.json` (best epoch, "
+        "with confusion matrices), `split.json`, `best.pt`, `last.pt`.",
+        "",
+    ]
+    return "\n".join(lines)
