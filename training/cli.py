@@ -8,6 +8,7 @@ task registers its own commands (see the marked spot at the end of this file). E
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,7 +94,17 @@ def prepare_config(config_cls: type, options: dict[str, Any], run_dir: Path | No
     if run_dir is None:
         raise fail("--resume needs --run-dir (the run to continue)")
     saved = config_cls.load(run_dir / CONFIG_FILE)
-    changeable = {"epochs", "patience", "device", "workers", "data_root", "cache_dir", "progress", "amp"}
+    changeable = {
+        "epochs",
+        "patience",
+        "device",
+        "workers",
+        "threads",
+        "data_root",
+        "cache_dir",
+        "progress",
+        "amp",
+    }
     refused = sorted(set(given) - changeable)
     if refused:
         raise fail(f"--resume continues the saved config; these options cannot change: {', '.join(refused)}")
@@ -118,6 +129,10 @@ def train_attributes(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     workers: Annotated[int | None, typer.Option(help="Threads for decoding images into the cache.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch CPU threads (default: one per core; 1 is faster on a busy machine)."),
+    ] = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Run directory (default runs/attributes-<time>).")
     ] = None,
@@ -140,7 +155,7 @@ def train_attributes(
     """Train the 12-head attribute classifier; writes the run directory (config, metrics, best.pt, plots)."""
     from app.schema import ATTRIBUTE_GROUPS  # noqa: F401  (fail early if app/ is missing)
     from training.config import AttributeTrainConfig
-    from training.engine import Trainer, seed_everything
+    from training.engine import Trainer, keep_freed_memory, seed_everything
     from training.tasks.attributes import AttributeTask, finish_attribute_run, load_attribute_data
 
     options = {
@@ -156,6 +171,7 @@ def train_attributes(
         "patience": patience,
         "device": device,
         "workers": workers,
+        "threads": threads,
         "split_file": str(split_file) if split_file else None,
         "seed": seed,
         "limit_ids": limit_ids,
@@ -170,6 +186,8 @@ def train_attributes(
         config = prepare_config(AttributeTrainConfig, options, run_dir, resume)
         run_dir = Path(config.run_dir)
         trainer = Trainer(config, run_dir)
+        if trainer.device.type == "cpu":
+            keep_freed_memory()
         typer.echo(f"run {run_dir} on {trainer.device} ({'AMP' if trainer.amp else 'fp32'})", err=True)
         seed_everything(config.seed)
         data = load_attribute_data(config, run_dir)
@@ -281,12 +299,19 @@ def predict_attributes(
     batch_size: int = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: one per core).")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Predict the attributes of every image of a folder; one CSV row per image, id = file name."""
+    import torch
+
     from app.bundle import load_bundle
     from training.data.market import list_images
+    from training.engine import keep_freed_memory
 
+    keep_freed_memory()
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
         manifest, model = load_bundle(bundle)
         if manifest.task != "attributes":
@@ -300,6 +325,26 @@ def predict_attributes(
         raise fail(str(exc)) from None
     seconds = time.perf_counter() - started
     typer.echo(f"{out}: {count} rows in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")
+
+
+def fuse_conv_bn(model: Any) -> int:
+    """Fold each BatchNorm that follows a conv inside a Sequential into that conv (eval only; same outputs
+    up to float rounding, ~1e-6). MobileNetV2 predicts ~1.3x faster on CPU. Returns the number folded."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        keys = list(module._modules)
+        for a, b in itertools.pairwise(keys):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                module._modules[b] = nn.Identity()
+                folded += 1
+    return folded
 
 
 def write_predictions(
@@ -322,10 +367,10 @@ def write_predictions(
     from training.engine import resolve_device
 
     target = resolve_device(device)
-    model = model.to(target).eval()
-    channels_last = target.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = model.eval()
+    fuse_conv_bn(model)
+    model = model.to(target, memory_format=torch.channels_last)  # faster on CPU too
+    channels_last = True
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with (

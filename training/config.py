@@ -62,6 +62,7 @@ class TrainConfig:
 
     # Runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     amp: bool = True  # mixed precision, used on CUDA only
     seed: int = 0
     run_dir: str = ""

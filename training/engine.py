@@ -28,10 +28,11 @@ Task contract (a structural protocol; see ``training/tasks/attributes.py`` for a
     for a tensor, or ``batch['images']`` for a dict. When ``train_batches`` returns something with a
     ``len()`` (e.g. :class:`Batches`), the progress bar shows the epoch's total.
 
-The Trainer handles: device selection (``auto`` = CUDA when available), mixed precision and channels-last
-on CUDA, Adam with ``config.lr`` / ``config.weight_decay``, an optional linear warm-up and step decay
-(per epoch), gradient clipping, early stopping on ``config.monitor`` (``min``/``max``, ``patience`` epochs;
-0 disables), and the run directory:
+The Trainer handles: device selection (``auto`` = CUDA when available), mixed precision on CUDA,
+channels-last memory format (``trainer.channels_last``; tasks pass it to their augmentation),
+``config.threads`` CPU threads, Adam with ``config.lr`` / ``config.weight_decay``, an optional linear
+warm-up and step decay (per epoch), gradient clipping, early stopping on ``config.monitor`` (``min`` or
+``max``, ``patience`` epochs; 0 disables), and the run directory:
 
 - ``config.json``: the resolved config, written before the first epoch;
 - ``metrics.json``: one record per epoch (lr, train losses, validation metrics, seconds, images/s);
@@ -140,6 +141,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of unmapping it (Linux only; a no-op elsewhere).
+
+    A CPU training step allocates and frees activation buffers of tens of MB; by default glibc serves
+    each from a fresh mmap, so every step pays page faults again. On 2 cores this measured 3x the system
+    time and about half the training speed for MobileNetV2 at 256x128, batch 128. Call it once at start.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a ``best.pt`` / ``last.pt`` on the CPU."""
     path = Path(path)
@@ -192,7 +213,11 @@ class Trainer:
         self.run_dir = Path(run_dir or config.run_dir or "runs/default")
         self.device = resolve_device(config.device)
         self.amp = bool(config.amp and self.device.type == "cuda")
-        self.channels_last = self.device.type == "cuda"
+        # Channels-last on every device: on CUDA for the tensor cores, and on 2 CPU cores it measured
+        # 1.2-1.5x faster for MobileNetV2 training at 128x64 (docs/training.md).
+        self.channels_last = True
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         self.autocast_dtype = torch.float16
 
     # -- the pieces a task may use ---------------------------------------------------------------

@@ -117,3 +117,22 @@ def test_data_stats_on_real_data(shared_data_root, tmp_path):
     assert result.exit_code == 0, result.output
     counts = json.loads((tmp_path / "class_counts.json").read_text())
     assert sum(counts["gender"]) == 751
+
+
+def test_fuse_conv_bn_keeps_outputs(attribute_run):
+    import torch
+
+    from app.bundle import build_network
+    from training.cli import fuse_conv_bn
+    from training.engine import load_checkpoint
+
+    ckpt = load_checkpoint(attribute_run / "best.pt")
+    arch = {**ckpt["architecture"], "backbone": "mobilenet_v2"}
+    model = build_network("attributes", arch).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        before = model(x)
+        assert fuse_conv_bn(model) > 30
+        after = model(x)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-4, rtol=1e-4)
