@@ -8,6 +8,8 @@ What differs between tasks is only the manifest's task-specific fields, looked u
 :data:`MANIFEST_FIELDS` by the checkpoint's task: ``attributes`` adds the attribute schema; ``reid``
 calls ``training.tasks.reid.manifest_fields(checkpoint, run_dir)`` (the re-ID task's own code, imported
 only when a re-ID run is exported), which returns the embedding spec, the match threshold and its metrics.
+A fields function runs before the network is rebuilt and may edit ``checkpoint['architecture']`` and
+``checkpoint['model']`` in place to drop training-only parts (the re-ID identity classifiers).
 """
 
 from __future__ import annotations
@@ -70,18 +72,17 @@ def export_run(
     task = checkpoint.get("task")
     if task not in MANIFEST_FIELDS:
         raise ExportError(f"{run_dir / BEST}: unknown task {task!r}; known: {', '.join(MANIFEST_FIELDS)}")
-    architecture = checkpoint.get("architecture") or {}
-    if not architecture:
+    if not checkpoint.get("architecture"):
         raise ExportError(f"{run_dir / BEST}: no architecture recorded (the model has no config)")
-    model = build_network(task, architecture)
-    model.load_state_dict(checkpoint["model"], strict=True)
-    model.eval()
-
     directory = Path(store) / (name or task)
     if (directory / "manifest.json").exists() and not force:
         raise ExportError(f"{directory} already holds a bundle; pass --force to replace it")
     config = checkpoint.get("config", {})
-    fields = MANIFEST_FIELDS[task](checkpoint, run_dir)
+    fields = MANIFEST_FIELDS[task](checkpoint, run_dir)  # may drop training-only parts first
+    architecture = checkpoint["architecture"]
+    model = build_network(task, architecture)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    model.eval()
     manifest = Manifest(
         name=directory.name,
         task=task,
