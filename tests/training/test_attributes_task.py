@@ -74,3 +74,13 @@ def test_learns_on_generated_data(tmp_path, tiny):
     for group in ("upper_colour", "lower_colour"):  # drawn big: learnt first
         assert last[f"accuracy/{group}"] > baseline[f"accuracy/{group}"] + 0.3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_original_layout_data(original_root, tmp_path):
+    cfg = AttributeTrainConfig(
+        data_root=str(original_root), input_size=(32, 16), cache_dir="", progress=False
+    )
+    data = load_attribute_data(cfg, tmp_path)
+    assert cfg.layout == "original"
+    assert len(data.train) + len(data.val) == 8 * 6  # bounding_box_train only
+    assert data.train_labels.shape == (len(data.train), 12)
