@@ -51,11 +51,22 @@ When the service runs with `REID_API_KEYS`, send one of the keys in the `X-API-K
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    metrics: ServiceMetrics = app.state.metrics
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     if not settings.api_keys:
         log.warning("REID_API_KEYS is not set: the API is open to anyone who can reach it")
+    # torch's thread count is process-wide: set it for the service's life and restore it after
+    # (tests run several apps in one process). FAISS's is set per call (see GalleryIndex).
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.resolved_torch_threads())
+    try:
+        async with _open_service(app, settings):
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+@asynccontextmanager
+async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    metrics: ServiceMetrics = app.state.metrics
     models = await run_in_threadpool(
         Models.load,
         settings.attribute_bundle_dir,
@@ -63,18 +74,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch_size=settings.batch_size,
         observer=metrics.observe_inference,
     )
-    gallery = await run_in_threadpool(Gallery.open, settings.database, models, metrics=metrics)
+    gallery = await run_in_threadpool(
+        Gallery.open, settings.database, models, metrics=metrics, search_threads=settings.faiss_threads
+    )
     app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_workers)
     app.state.models = models
     app.state.gallery = gallery
     metrics.track_gallery(lambda: len(gallery.index))
     log.info(
-        "ready: attributes %s (%s), re-ID %s (%s), %d searchable entries",
+        "ready: attributes %s (%s), re-ID %s (%s), %d searchable entries, %d torch threads",
         models.attributes.name,
         models.attributes.version,
         models.reid.name,
         models.reid.version,
         len(gallery.index),
+        torch.get_num_threads(),
     )
     try:
         yield

@@ -5,6 +5,7 @@ Relative paths are relative to the current directory. ``docs/service.md`` has th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,7 +63,16 @@ class Settings(BaseSettings):
         default=2, gt=0, description="Requests running inference at the same time (threads)."
     )
     torch_threads: int = Field(
-        default=0, ge=0, description="torch intra-op threads; 0 keeps torch's default."
+        default=0,
+        ge=0,
+        description="torch intra-op threads; 0 = CPU cores // inference_workers (at least 1), so "
+        "concurrent requests do not oversubscribe the cores.",
+    )
+    faiss_threads: int = Field(
+        default=1,
+        ge=1,
+        description="FAISS OpenMP threads per search; one query's scan is memory-bound, and a second "
+        "OpenMP pool spinning next to torch's only contends for the cores.",
     )
 
     # Server (``reid-serve --host/--port`` override these)
@@ -100,6 +110,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_dir / SQLITE_FILE}"
+
+    def resolved_torch_threads(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.inference_workers)
 
     def key_bytes(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.api_keys]

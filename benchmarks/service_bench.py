@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -53,6 +54,7 @@ from app.nets.attributes import AttributeNet, AttributeNetConfig  # noqa: E402
 from app.nets.reid import ReIDNet, ReIDNetConfig  # noqa: E402
 from app.preprocess import decode_image  # noqa: E402
 from app.schema import schema_as_dict  # noqa: E402
+from app.settings import Settings  # noqa: E402
 from tests.synthetic import make_identities, render  # noqa: E402
 
 CAMERAS = 6
@@ -204,39 +206,45 @@ def top_up(url: str, target: int, *, model_version: str, dim: int, seed: int) ->
     engine = store.open_engine(url)
     store.prepare_schema(engine)
     rng = np.random.default_rng(seed)
-    table = store.Entry.__table__
+    entries, embeddings = store.Entry.__table__, store.Embedding.__table__
     with engine.begin() as conn:
-        have = conn.execute(select(func.count()).select_from(table)).scalar_one()
+        have = conn.execute(select(func.count()).select_from(entries)).scalar_one()
+        next_id = (conn.execute(select(func.max(entries.c.id))).scalar_one() or 0) + 1
     now = datetime.now(UTC).replace(tzinfo=None)
     for start in range(have, target, 5000):
         n = min(5000, target - start)
         vectors = rng.standard_normal((n, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = range(next_id + start - have, next_id + start - have + n)
         rows = [
             {
+                "id": entry_id,
                 "collection": "default",
-                "identity": f"synthetic-{(start + i) // 4}",
-                "camera_id": f"cam-{(start + i) % CAMERAS}",
+                "identity": f"synthetic-{entry_id // 4}",
+                "camera_id": f"cam-{entry_id % CAMERAS}",
                 "track_id": None,
                 "captured_at": now,
                 "metadata": {},
-                "image_sha256": hashlib.sha256(f"synthetic-{start + i}".encode()).hexdigest(),
+                "image_sha256": hashlib.sha256(f"synthetic-{entry_id}".encode()).hexdigest(),
                 "model_version": model_version,
                 "attribute_model_version": "synthetic",
-                "embedding": vectors[i].tobytes(),
                 "created_at": now,
             }
-            for i in range(n)
+            for entry_id in ids
         ]
         with engine.begin() as conn:
-            conn.execute(table.insert(), rows)
+            conn.execute(entries.insert(), rows)
+            conn.execute(
+                embeddings.insert(),
+                [{"entry_id": e, "vector": vectors[i].tobytes()} for i, e in enumerate(ids)],
+            )
     engine.dispose()
 
 
-def load_index(url: str, *, model_version: str, dim: int) -> tuple[GalleryIndex, np.ndarray]:
+def load_index(url: str, *, model_version: str, dim: int, threads: int) -> tuple[GalleryIndex, np.ndarray]:
     """The same index the server builds, in this process, and the ids of camera 'cam-1'."""
     engine = store.open_engine(url)
-    index = GalleryIndex(dim)
+    index = GalleryIndex(dim, threads=threads)
     with Session(engine) as session:
         for ids, collections, vectors in store.iter_embeddings(session, model_version=model_version, dim=dim):
             index.add(ids, collections, vectors)
@@ -263,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input-size", default="256x128", help="HEIGHTxWIDTH, for the random bundles")
     parser.add_argument("--branch-dim", type=int, default=None, help="for the random re-ID bundle")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="torch threads, here and in the server"
+        "--threads", type=int, help="torch threads, here and in the server (default: the service's choice)"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=100, help="timed queries per gallery size")
@@ -275,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="reid-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir / "data", ignore_errors=True)  # every run starts from an empty gallery
     if (args.attribute_bundle is None) != (args.reid_bundle is None):
         parser.error("give both --attribute-bundle and --reid-bundle, or neither")
     if args.attribute_bundle is None:
@@ -289,18 +298,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     reid_manifest = read_manifest(reid_dir)
     attr_manifest = read_manifest(attribute_dir)
     dim = reid_manifest.embedding.dim
-    torch.set_num_threads(args.threads)
+    settings = Settings(torch_threads=args.threads or 0)
+    threads = settings.resolved_torch_threads()
+    torch.set_num_threads(threads)
     url = f"sqlite:///{workdir / 'data' / 'gallery.sqlite3'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")} | {
         "REID_ATTRIBUTE_BUNDLE": str(attribute_dir.resolve()),
         "REID_REID_BUNDLE": str(reid_dir.resolve()),
         "REID_DATA_DIR": str(workdir / "data"),
-        "REID_TORCH_THREADS": str(args.threads),
+        "REID_TORCH_THREADS": str(threads),
     }
     rows: list[tuple[str, str, str]] = []  # (what, service, baseline)
 
+    began = time.perf_counter()
+
     def say(text: object) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", file=sys.stderr, flush=True)
 
     say(f"load average at the start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
@@ -365,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             plain = latencies(http_query({"top_k": "10"}), args.queries)
             filtered = latencies(http_query({"top_k": "10", "camera_id": "cam-1"}), args.queries)
         server.stop()
-        index, camera = load_index(url, model_version=reid_manifest.version, dim=dim)
+        index, camera = load_index(
+            url, model_version=reid_manifest.version, dim=dim, threads=settings.faiss_threads
+        )
         vector = models.reid.embed([query_image])[0]
         index_plain = latencies(partial(index.search, "default", vector, 10), args.queries)
         index_filtered = latencies(partial(index.search, "default", vector, 10, allowed=camera), args.queries)
@@ -397,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average at the end {load}; "
-        f"torch {torch.__version__}, {args.threads} threads (client, server and baseline share the cores)."
+        f"torch {torch.__version__}, {threads} torch thread(s) and {settings.faiss_threads} FAISS thread(s) "
+        "in server and baseline alike (client, server and baseline share the cores)."
     )
     a, r = attr_manifest, reid_manifest
     print(

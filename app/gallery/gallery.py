@@ -63,20 +63,30 @@ class EntryFields:
 
 
 class Gallery:
-    def __init__(self, engine: Engine, models: Models, *, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        models: Models,
+        *,
+        metrics: ServiceMetrics | None = None,
+        search_threads: int = 1,
+    ) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.models = models
         self.metrics = metrics
-        self.index = GalleryIndex(models.reid.dim)
+        self.search_threads = search_threads
+        self.index = GalleryIndex(models.reid.dim, threads=search_threads)
         self._write_lock = threading.Lock()
 
     @classmethod
-    def open(cls, url: str, models: Models, *, metrics: ServiceMetrics | None = None) -> Gallery:
+    def open(
+        cls, url: str, models: Models, *, metrics: ServiceMetrics | None = None, search_threads: int = 1
+    ) -> Gallery:
         """Connect, create or migrate the schema, and build the index from the database."""
         engine = store.open_engine(url)
         store.prepare_schema(engine)
-        gallery = cls(engine, models, metrics=metrics)
+        gallery = cls(engine, models, metrics=metrics, search_threads=search_threads)
         gallery.rebuild()
         return gallery
 
@@ -90,7 +100,7 @@ class Gallery:
     def rebuild(self) -> int:
         """Replace the index with one built from every searchable row; returns its size."""
         start = time.perf_counter()
-        index = GalleryIndex(self.models.reid.dim)
+        index = GalleryIndex(self.models.reid.dim, threads=self.search_threads)
         with self._write_lock, self.sessions() as session:
             for ids, collections, vectors in store.iter_embeddings(
                 session, model_version=self.model_version, dim=index.dim

@@ -15,10 +15,16 @@ import numpy as np
 
 
 class GalleryIndex:
-    """Thread-safe: one lock guards every read and write of the FAISS structures."""
+    """Thread-safe: one lock guards every read and write of the FAISS structures.
 
-    def __init__(self, dim: int) -> None:
+    ``threads`` caps FAISS's OpenMP threads. OpenMP keeps that setting per OS thread, so it is applied
+    in whichever worker thread calls in; one query's scan is memory-bound, and a second OpenMP pool
+    spinning next to torch's only steals the cores.
+    """
+
+    def __init__(self, dim: int, *, threads: int = 1) -> None:
         self.dim = dim
+        self.threads = threads
         self._lock = threading.Lock()
         self._indexes: dict[str, faiss.IndexIDMap2] = {}
         self._collection_of: dict[int, str] = {}
@@ -38,6 +44,7 @@ class GalleryIndex:
         ids = np.asarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         with self._lock:
+            faiss.omp_set_num_threads(self.threads)
             self._remove_locked(ids[np.fromiter((i in self._collection_of for i in ids.tolist()), bool)])
             by_collection: dict[str, list[int]] = {}
             for row, name in enumerate(collections):
@@ -71,6 +78,7 @@ class GalleryIndex:
         """Best ``k`` (scores, ids) in ``collection``, highest first; only ``allowed`` ids if given."""
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         with self._lock:
+            faiss.omp_set_num_threads(self.threads)
             index = self._indexes.get(collection)
             if index is None or index.ntotal == 0 or k <= 0:
                 return np.empty(0, np.float32), np.empty(0, np.int64)

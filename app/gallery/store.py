@@ -2,7 +2,8 @@
 
 The database is the truth: each entry keeps its embedding (float32 bytes), the version of the re-ID
 bundle that made it, the image's sha256, the attributes and the metadata. The FAISS index is derived
-from these rows and can always be rebuilt from them.
+from these rows and can always be rebuilt from them. Embeddings live in a table of their own, so the
+entry rows that filters scan stay small (a 2560-d embedding is 10 kB).
 
 Schema management: a new database gets ``create_all`` and its version written to ``reid_schema``;
 an older one is brought up to date by the numbered steps in ``MIGRATIONS``, each in its own
@@ -65,21 +66,35 @@ class Entry(Base):
     captured_at: Mapped[datetime | None] = mapped_column(DateTime())  # naive UTC
     extra: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     image_sha256: Mapped[str] = mapped_column(String(64))
-    model_version: Mapped[str] = mapped_column(String(64))  # the re-ID bundle of ``embedding``
+    model_version: Mapped[str] = mapped_column(String(64))  # the re-ID bundle of the embedding
     attribute_model_version: Mapped[str] = mapped_column(String(64))
-    embedding: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime())
     attributes: Mapped[list[EntryAttribute]] = relationship(
         back_populates="entry", lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
+    embedding: Mapped[Embedding] = relationship(
+        lazy="raise", cascade="all, delete-orphan", passive_deletes=True
     )
 
     __table_args__ = (
         UniqueConstraint("collection", "image_sha256", name="uq_gallery_entries_collection_sha256"),
         Index("ix_gallery_entries_collection_identity", "collection", "identity"),
-        Index("ix_gallery_entries_collection_camera", "collection", "camera_id"),
-        Index("ix_gallery_entries_collection_captured", "collection", "captured_at"),
+        # Search filters always fix collection and model version: these two cover them with the id.
+        Index("ix_gallery_entries_search_camera", "collection", "model_version", "camera_id"),
+        Index("ix_gallery_entries_search_captured", "collection", "model_version", "captured_at"),
         Index("ix_gallery_entries_model_version", "model_version"),
     )
+
+
+class Embedding(Base):
+    """An entry's embedding: L2-normalised float32 bytes from the entry's ``model_version``."""
+
+    __tablename__ = "gallery_embeddings"
+
+    entry_id: Mapped[int] = mapped_column(
+        EntryId, ForeignKey("gallery_entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class EntryAttribute(Base):
@@ -191,6 +206,10 @@ class NewEntry:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
 def _attribute_rows(attributes: dict[str, tuple[str, float]]) -> list[EntryAttribute]:
     return [EntryAttribute(attribute=k, value=v, score=s) for k, (v, s) in attributes.items()]
 
@@ -208,7 +227,7 @@ def add_entry(
         image_sha256=item.image_sha256,
         model_version=model_version,
         attribute_model_version=attribute_model_version,
-        embedding=np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes(),
+        embedding=Embedding(vector=_blob(item.embedding)),
         created_at=datetime.now(UTC).replace(tzinfo=None),
         attributes=_attribute_rows(item.attributes),
     )
@@ -220,7 +239,11 @@ def refresh_entry(
     session: Session, *, entry: Entry, item: NewEntry, model_version: str, attribute_model_version: str
 ) -> Entry:
     """Re-embed an entry made by another bundle (same image enrolled again); its fields are kept."""
-    entry.embedding = np.ascontiguousarray(item.embedding, dtype=np.float32).tobytes()
+    row = session.get(Embedding, entry.id)
+    if row is None:
+        session.add(Embedding(entry_id=entry.id, vector=_blob(item.embedding)))
+    else:
+        row.vector = _blob(item.embedding)
     entry.model_version = model_version
     entry.attribute_model_version = attribute_model_version
     entry.attributes = _attribute_rows(item.attributes)
@@ -230,6 +253,7 @@ def refresh_entry(
 def delete_entries(session: Session, *, ids: Sequence[int]) -> None:
     if ids:
         session.execute(delete(EntryAttribute).where(EntryAttribute.entry_id.in_(ids)))
+        session.execute(delete(Embedding).where(Embedding.entry_id.in_(ids)))
         session.execute(delete(Entry).where(Entry.id.in_(ids)))
 
 
@@ -330,7 +354,8 @@ def iter_embeddings(
 ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
     """(ids, collections, vectors) of every entry made by ``model_version``, ``chunk`` rows at a time."""
     query = (
-        select(Entry.id, Entry.collection, Entry.embedding)
+        select(Entry.id, Entry.collection, Embedding.vector)
+        .join(Embedding, Embedding.entry_id == Entry.id)
         .where(Entry.model_version == model_version)
         .order_by(Entry.id)
         .execution_options(yield_per=chunk)

