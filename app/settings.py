@@ -58,7 +58,12 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=1000, gt=0, le=10_000)
 
     # Inference
-    batch_size: int = Field(default=32, gt=0, description="Crops per forward pass within a request.")
+    batch_size: int = Field(
+        default=8,
+        gt=0,
+        description="Crops per forward pass within a request; with one torch thread large batches thrash "
+        "the CPU cache, with many threads they keep the threads busy (docs/service.md has measurements).",
+    )
     inference_workers: int = Field(
         default=2, gt=0, description="Requests running inference at the same time (threads)."
     )
