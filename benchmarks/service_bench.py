@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "REID_REID_BUNDLE": str(reid_dir.resolve()),
         "REID_DATA_DIR": str(workdir / "data"),
         "REID_TORCH_THREADS": str(threads),
+        "REID_BATCH_SIZE": str(settings.batch_size),
     }
     rows: list[tuple[str, str, str]] = []  # (what, service, baseline)
 
@@ -318,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     say(f"load average at the start: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     # Baselines: the models alone.
-    models = Models.load(attribute_dir, reid_dir)
+    models = Models.load(attribute_dir, reid_dir, batch_size=settings.batch_size)
     crops = Crops(tuple(attr_manifest.input_size))
 
     def model_attributes(blobs):
@@ -412,8 +413,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average at the end {load}; "
-        f"torch {torch.__version__}, {threads} torch thread(s) and {settings.faiss_threads} FAISS thread(s) "
-        "in server and baseline alike (client, server and baseline share the cores)."
+        f"torch {torch.__version__}, {threads} torch thread(s), {settings.faiss_threads} FAISS thread(s), "
+        f"batch size {settings.batch_size}, in server and baseline alike (client, server and baseline "
+        "share the cores)."
     )
     a, r = attr_manifest, reid_manifest
     print(
