@@ -1,0 +1,66 @@
+"""Re-ID export: the bundle drops the identity classifiers, records the embedding, and embeds the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from app.bundle import load_bundle, read_manifest
+from app.nets.reid import ReIDNet, ReIDNetConfig
+from training.engine import BEST
+from training.export import export_run
+from training.tasks.reid import ReIDTrainConfig
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory holding a best.pt as the Trainer writes it (no training needed)."""
+    torch.manual_seed(0)
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=7, branch_dim=16))
+    with torch.no_grad():  # non-trivial BN statistics, so a lost buffer would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    config = ReIDTrainConfig.from_recipe("modern", backbone="osnet_x0_25", input_size=(64, 32), branch_dim=16)
+    metrics = {"epoch": 3, "mAP": 0.5, "rank1": 0.6, "match_threshold": 0.71, "val_loss": 0.2}
+    torch.save(
+        {
+            "task": "reid",
+            "epoch": 3,
+            "model": net.state_dict(),
+            "architecture": net.config.to_dict(),
+            "metrics": metrics,
+            "config": config.to_dict(),
+        },
+        tmp_path / BEST,
+    )
+    return tmp_path, net
+
+
+def test_bundle_round_trip(run_dir, tmp_path):
+    run, net = run_dir
+    directory = export_run(run, store=tmp_path / "store", name="reid-test")
+    manifest = read_manifest(directory)
+    assert manifest.task == "reid" and manifest.architecture["num_classes"] == 0
+    assert manifest.embedding.dim == 32 and manifest.embedding.distance == "cosine"
+    assert manifest.match_threshold == pytest.approx(0.71)
+    assert manifest.metrics["mAP"] == 0.5 and manifest.metrics["best_epoch"] == 3
+    assert manifest.training_config["recipe"] == "modern"
+    _, loaded = load_bundle(directory)
+    assert not any("classifier" in k for k in loaded.state_dict())
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+def test_final_metrics_preferred(run_dir, tmp_path):
+    run, _ = run_dir
+    final = {"validation": {"mAP": 0.55, "match_threshold": 0.66, "cmc": [1.0]}, "protocol": {"queries": 9}}
+    (run / "val_metrics.json").write_text(json.dumps(final))
+    manifest = read_manifest(export_run(run, store=tmp_path / "store"))
+    assert manifest.name == "reid"
+    assert manifest.match_threshold == pytest.approx(0.66) and manifest.metrics["mAP"] == 0.55
+    assert "cmc" not in manifest.metrics and manifest.metrics["protocol"] == {"queries": 9}

@@ -1,0 +1,116 @@
+"""reid-train's re-ID commands end to end on tiny generated data: train, resume, export, evaluate,
+predict, ablation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from app.bundle import read_manifest
+from training.cli import app
+
+runner = CliRunner()
+TINY = ["--backbone", "osnet_x0_25", "--input-size", "64x32", "--no-progress", "--threads", "1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def reid_run(course_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reid-cli")
+    run = tmp / "run"
+    result = invoke(
+        "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp / "cache",
+        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--rerank", *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "match threshold" in result.output and "re-ranked" in result.output
+    return run
+
+
+def test_run_directory(reid_run):
+    for name in ("config.json", "metrics.json", "best.pt", "last.pt", "split.json", "val_metrics.json"):
+        assert (reid_run / name).is_file(), name
+    for plot in ("loss", "retrieval", "cmc", "tsne", "ranked_lists"):
+        assert (reid_run / "plots" / f"{plot}.png").stat().st_size > 1000, plot
+    config = json.loads((reid_run / "config.json").read_text())
+    assert config["task"] == "reid" and config["recipe"] == "modern" and config["batch_size"] == 6
+    final = json.loads((reid_run / "val_metrics.json").read_text())
+    assert {"rank1", "mAP", "mINP", "map80", "match_threshold", "rerank"} <= set(final["validation"])
+    assert final["protocol"]["queries"] + final["protocol"]["gallery"] == final["images"]["val"]
+    assert "plots/ranked_lists.png" in (reid_run / "report.md").read_text()
+
+
+def test_resume(reid_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reid_run, run)
+    result = invoke("train-reid", "--resume", "--run-dir", run, "--epochs", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    refused = invoke("train-reid", "--resume", "--run-dir", run, "--margin", "1")
+    assert refused.exit_code == 1 and "cannot change: margin" in refused.output
+
+
+def test_export_evaluate_predict(reid_run, course_root, tmp_path):
+    result = invoke("export", reid_run, "--store", tmp_path / "store", "--name", "r")
+    assert result.exit_code == 0, result.output
+    bundle = tmp_path / "store" / "r"
+    manifest = read_manifest(bundle)
+    assert manifest.embedding.dim == 32 and manifest.architecture["num_classes"] == 0
+    saved = json.loads((reid_run / "val_metrics.json").read_text())["validation"]
+    assert manifest.match_threshold == pytest.approx(saved["match_threshold"])
+
+    out = tmp_path / "eval"
+    result = invoke("evaluate-reid", bundle, "--out", out, "--data-root", course_root, "--no-progress")
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((out / "val_metrics.json").read_text())["validation"]
+    assert evaluated["mAP"] == pytest.approx(saved["mAP"], abs=1e-4)  # same split, same protocol
+    assert (out / "plots" / "cmc.png").is_file()
+
+    images = sorted((course_root / "train").iterdir())
+    queries, gallery = tmp_path / "q", tmp_path / "g"
+    queries.mkdir()
+    gallery.mkdir()
+    for path in images[:3]:
+        shutil.copy(path, queries / path.name)
+    for path in images[3:20]:
+        shutil.copy(path, gallery / path.name)
+    ranking = tmp_path / "ranking.txt"
+    result = invoke("predict-reid", "--bundle", bundle, "--queries", queries, "--gallery", gallery,
+                    "--out", ranking, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = ranking.read_text().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [p.name for p in images[:3]]
+    ranked = lines[0].split(": ")[1].split(", ")
+    assert sorted(ranked) == sorted(p.name for p in images[3:20])  # the full gallery, each once
+    result = invoke("predict-reid", "--bundle", bundle, "--queries", queries, "--gallery", gallery,
+                    "--out", ranking, "--top", "5", "--no-progress")  # fmt: skip
+    top = ranking.read_text().splitlines()[0].split(": ")[1].split(", ")
+    assert result.exit_code == 0 and top == ranked[:5]
+
+
+def test_ablation_table(course_root, tmp_path):
+    result = invoke(
+        "ablation", "--data-root", course_root, "--out", tmp_path / "abl", "--epochs", "1",
+        "--limit-ids", "10", "--cache-dir", tmp_path / "cache", *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "a subset of 10 identities" in table and "at most 1 epochs" in table
+    assert "ours: no ID loss" in table and "ours: with ID loss" in table
+    no_id = json.loads((tmp_path / "abl" / "no_id_loss" / "config.json").read_text())
+    assert no_id["id_loss"] is False and no_id["recipe"] == "report"
+    split = json.loads((tmp_path / "abl" / "split.json").read_text())
+    assert json.loads((tmp_path / "abl" / "with_id_loss" / "split.json").read_text()) == split
+
+
+def test_errors(tmp_path):
+    result = invoke("train-reid", "--data-root", tmp_path / "missing", "--run-dir", tmp_path / "r")
+    assert result.exit_code == 1 and "not found" in result.output
+    result = invoke("train-reid", "--recipe", "nope", "--data-root", tmp_path, "--run-dir", tmp_path / "r")
+    assert result.exit_code == 1 and "available" in result.output

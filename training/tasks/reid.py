@@ -1,0 +1,567 @@
+"""The re-ID task for the Trainer: the report's two-branch network trained with triplet + identity losses.
+
+Loss (the report): total = lambda * (T_max + T_avg + CE_max + CE_avg), lambda = 0.5, where T is a
+triplet loss on a branch's pooled feature and CE the identity cross-entropy on its classifier's
+logits. ``--no-id-loss`` drops the CE terms (the report's Table 1 ablation).
+
+Two recipes (:data:`RECIPES`; any field can still be overridden):
+
+- ``report``: the report's ``TripletDataset`` (per anchor a random positive and a random negative),
+  its triplet loss max(||a-p||^2 - ||a-n||^2 + 10, 0), Adam lr 1e-4, weight decay 5e-4, 32 anchors
+  per batch (96 images), up to 25 epochs, early stopping after 5 epochs without a lower validation
+  loss; flip and pad-and-crop augmentation.
+- ``modern``: the "bag of tricks" baseline (Luo et al. 2019) scaled to CPU budgets: P x K batches
+  (16 identities x 4 images), batch-hard triplet loss with margin 0.3 on Euclidean distances (Hermans et
+  al. 2017), label smoothing 0.1, Adam lr 3.5e-4 with a 5-epoch linear warm-up from 10% and x0.1 steps
+  after epochs 30 and 50 of 60, random erasing (p 0.5), best epoch and early stopping (10 epochs) on
+  validation mAP. ``--last-stride 1`` is available for both, off by default (it costs ~4x in the last
+  stage).
+
+Validation, every epoch, on the split's validation identities (never trained on): one forward pass per
+image gives each branch's pooled feature and the embedding. ``val_loss`` is lambda * (T_max + T_avg)
+with the recipe's triplet loss on triplets (report) or P x K groups (modern) drawn with a fixed seed
+from those features; the identity loss has no meaning for unseen identities and is left out. The
+ranking metrics follow ``training/evaluation/reid.py`` (queries = one image per identity and camera).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.nets.reid import ReIDNet, ReIDNetConfig
+from training.config import TrainConfig
+from training.data.cache import cached_images
+from training.data.market import MarketData, Sample, load_market
+from training.data.samplers import PKSampler, TripletSampler
+from training.data.split import Split, resolve_split
+from training.data.transforms import BatchAugment, to_model_input
+from training.engine import Batches
+from training.evaluation.reid import ReIDEvaluator, split_query_gallery
+from training.losses import batch_hard_triplet_loss, identity_loss, triplet_loss
+
+TRIPLETS = ("report", "batch_hard")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "report": {
+        "triplet": "report",
+        "margin": 10.0,
+        "label_smoothing": 0.0,
+        "batch_size": 32,
+        "epochs": 25,
+        "lr": 1e-4,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 0,
+        "lr_steps": (),
+        "erase_p": 0.0,
+        "monitor": "val_loss",
+        "monitor_mode": "min",
+        "patience": 5,
+    },
+    "modern": {
+        "triplet": "batch_hard",
+        "margin": 0.3,
+        "label_smoothing": 0.1,
+        "p": 16,
+        "k": 4,
+        "batch_size": 64,
+        "epochs": 60,
+        "lr": 3.5e-4,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 5,
+        "warmup_factor": 0.1,
+        "lr_steps": (30, 50),
+        "erase_p": 0.5,
+        "monitor": "mAP",
+        "monitor_mode": "max",
+        "patience": 10,
+    },
+}
+DEFAULT_RECIPE = "modern"
+
+
+@dataclass
+class ReIDTrainConfig(TrainConfig):
+    """A re-ID run. Defaults are the report's recipe; :meth:`from_recipe` applies a named one."""
+
+    TASK: ClassVar[str] = "reid"
+
+    recipe: str = "report"
+    triplet: str = "report"  # report (random triplets, squared Euclidean) | batch_hard (P x K)
+    margin: float = 10.0
+    loss_lambda: float = 0.5
+    id_loss: bool = True
+    label_smoothing: float = 0.0
+    p: int = 16  # identities per batch (batch_hard)
+    k: int = 4  # images per identity (batch_hard)
+    branch_dim: int | None = None  # per-branch embedding size after a learned reduction
+    last_stride: int = 2
+    eval_seed: int = 0  # seed of the validation query/gallery protocol
+
+    batch_size: int = 32  # anchors per batch (report); P * K for batch_hard
+    epochs: int = 25
+    erase_p: float = 0.0
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.triplet not in TRIPLETS:
+            raise ValueError(f"triplet must be one of {', '.join(TRIPLETS)}, got {self.triplet!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+        if self.triplet == "batch_hard":
+            self.batch_size = self.p * self.k
+
+    @classmethod
+    def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> ReIDTrainConfig:
+        """The named recipe's settings, then ``overrides`` (None values are ignored)."""
+        if recipe not in RECIPES:
+            raise KeyError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
+        values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(recipe=recipe, **values)
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReIDData:
+    """Training and validation images (uint8 caches) with identity and camera per image."""
+
+    train: list[Sample]
+    val: list[Sample]
+    train_images: torch.Tensor
+    val_images: torch.Tensor
+    split: Split
+    data: MarketData
+
+    @property
+    def train_pids(self) -> np.ndarray:
+        return np.asarray([s.pid for s in self.train])
+
+    @property
+    def val_pids(self) -> np.ndarray:
+        return np.asarray([s.pid for s in self.val])
+
+    @property
+    def val_camids(self) -> np.ndarray:
+        return np.asarray([s.camid for s in self.val])
+
+    def query_mask(self, seed: int = 0) -> np.ndarray:
+        """Which validation images are queries (one per identity and camera, seeded)."""
+        q, _ = split_query_gallery(self.val_pids, self.val_camids, seed=seed)
+        return np.isin(np.arange(len(self.val)), q)
+
+
+def load_reid_data(config: ReIDTrainConfig, run_dir: str | Path) -> ReIDData:
+    """Read the dataset, apply ``limit_ids``, reuse or make the shared split, decode into the cache.
+
+    ``config.layout`` and ``config.data_fingerprint`` are filled in (the saved config records them).
+    """
+    data = load_market(config.data_root, config.layout)
+    if config.data_fingerprint and config.data_fingerprint != data.fingerprint:
+        raise ValueError(
+            f"{config.data_root}: the data changed since this run started "
+            f"(fingerprint {data.fingerprint[:12]} != {config.data_fingerprint[:12]})"
+        )
+    config.layout, config.data_fingerprint = data.layout, data.fingerprint
+    data = data.limit_train_ids(config.limit_ids, config.seed)
+    labels = {pid: data.attributes.get(pid, {}) for pid in data.train_ids}
+    split = resolve_split(
+        labels,
+        split_file=config.split_file,
+        run_dir=run_dir,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        data_fingerprint=data.fingerprint,
+    )
+    train, val = split.partition(data.train)
+    # One cache of all training-layout images, shared with the attribute task (same file).
+    images = cached_images(
+        [s.path for s in data.train],
+        config.input_size,
+        config.cache_dir or None,
+        workers=config.workers,
+        progress=config.progress,
+    )
+    row = {s.path: i for i, s in enumerate(data.train)}
+    return ReIDData(
+        train,
+        val,
+        images[[row[s.path] for s in train]],
+        images[[row[s.path] for s in val]],
+        split,
+        data,
+    )
+
+
+# -- the network's two outputs in one pass ------------------------------------------------------------
+
+
+def branch_outputs(model: ReIDNet, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each branch's pooled feature (what the triplet loss sees) and the eval-mode embedding, in one pass.
+
+    In eval mode the embedding equals ``model(images)``.
+    """
+    shared = model.trunk(model.normalize(images))
+    features, necks = {}, []
+    for name, branch in model.branches.items():
+        feat, neck = branch(shared)
+        features[name] = feat
+        necks.append(neck)
+    return features, F.normalize(torch.cat(necks, dim=1).float(), dim=1)
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    *,
+    progress: bool = False,
+    desc: str = "embed",
+) -> torch.Tensor:
+    """L2-normalised embeddings of a uint8 image tensor, in batches, on the CPU."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model.eval().to(memory_format=torch.channels_last)
+    out = []
+    for start in tqdm(
+        range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
+    ):
+        x = to_model_input(images[start : start + batch_size], device, channels_last=True)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, getattr(model, "embedding_dim", 0))
+
+
+# -- the task ---------------------------------------------------------------------------------------------
+
+
+class ReIDTask:
+    """Model, batches, losses and validation of a re-ID run (the Trainer's Task protocol)."""
+
+    name = "reid"
+
+    def __init__(
+        self,
+        config: ReIDTrainConfig,
+        data: ReIDData,
+        *,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        model: ReIDNet | None = None,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        pids = data.train_pids
+        self.classes = sorted(set(pids.tolist()))
+        index = {pid: i for i, pid in enumerate(self.classes)}
+        self.labels = torch.as_tensor([index[p] for p in pids.tolist()], dtype=torch.long)
+        self.model = model or ReIDNet(
+            ReIDNetConfig(
+                backbone=config.backbone,
+                input_size=config.input_size,
+                num_classes=len(self.classes),
+                last_stride=config.last_stride,
+                branch_dim=config.branch_dim,
+            ),
+            init_weights=config.init_weights,
+        )
+        if config.triplet == "report":
+            self.sampler: TripletSampler | PKSampler = TripletSampler(
+                pids, config.batch_size, seed=config.seed
+            )
+        else:
+            self.sampler = PKSampler(pids, config.p, config.k, seed=config.seed)
+        self.augment = BatchAugment(
+            flip_p=0.5 if config.flip else 0.0,
+            pad=config.pad,
+            erase_p=config.erase_p,
+            channels_last=channels_last,
+        )
+        self.is_query = data.query_mask(config.eval_seed)
+
+    # Trainer protocol ------------------------------------------------------------------------------
+    def train_batches(self, epoch: int) -> Batches:
+        """The sampler's batches for ``epoch``; the order depends on (seed, epoch) only."""
+        self.sampler.set_epoch(epoch)
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch in self.sampler:
+                idx = torch.as_tensor(np.concatenate(batch) if isinstance(batch, tuple) else batch)
+                yield self.data.train_images[idx], self.labels[idx]
+
+        return Batches(batches(), len(self.sampler))
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        x = self.augment(images.to(self.device, non_blocking=True))
+        labels = labels.to(self.device, non_blocking=True)
+        out = self.model(x)
+        losses = self.triplet_losses(out.features, labels)
+        if self.config.id_loss:
+            for name, logits in out.logits.items():
+                losses[f"id_{name}"] = identity_loss(logits, labels, self.config.label_smoothing)
+        losses["loss"] = self.config.loss_lambda * torch.stack(list(losses.values())).sum()
+        return losses
+
+    def triplet_losses(
+        self, features: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The recipe's triplet loss per branch; a report batch is anchors, positives, negatives stacked."""
+        out = {}
+        for name, feat in features.items():
+            if self.config.triplet == "report":
+                out[f"triplet_{name}"] = triplet_loss(*feat.chunk(3), margin=self.config.margin)
+            else:
+                out[f"triplet_{name}"] = batch_hard_triplet_loss(feat, labels, margin=self.config.margin)
+        return out
+
+    def validate(self) -> dict[str, float]:
+        features, embeddings = self.forward_validation()
+        metrics = self.evaluate(embeddings)
+        metrics["val_loss"] = self.validation_loss(features)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+    # Validation pieces -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_validation(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Pooled features per branch and embeddings of every validation image (one pass)."""
+        self.model.eval()
+        feats: dict[str, list[torch.Tensor]] = {}
+        embs = []
+        bs = self.config.eval_batch_size
+        for start in range(0, len(self.data.val_images), bs):
+            x = to_model_input(self.data.val_images[start : start + bs], self.device, self.channels_last)
+            f, e = branch_outputs(self.model, x)
+            for name, value in f.items():
+                feats.setdefault(name, []).append(value.float().cpu())
+            embs.append(e.cpu())
+        return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(embs)
+
+    def validation_loss(self, features: dict[str, torch.Tensor]) -> float:
+        """lambda * (T_avg + T_max) on fixed-seed triplets / P x K groups of the validation images."""
+        pids = self.data.val_pids
+        cfg = self.config
+        total = 0.0
+        if cfg.triplet == "report":
+            sampler = TripletSampler(pids, batch_size=len(pids), seed=cfg.eval_seed, drop_last=False)
+            anchors, positives, negatives = next(iter(sampler))
+            for f in features.values():
+                total += float(triplet_loss(f[anchors], f[positives], f[negatives], cfg.margin))
+        else:
+            p = min(cfg.p, len(set(pids.tolist())))
+            batches = list(PKSampler(pids, p, cfg.k, seed=cfg.eval_seed))
+            labels = torch.as_tensor(pids)
+            for f in features.values():
+                losses = [float(batch_hard_triplet_loss(f[b], labels[b], cfg.margin)) for b in batches]
+                total += float(np.mean(losses)) if losses else 0.0
+        return cfg.loss_lambda * total
+
+    def evaluate(self, embeddings: torch.Tensor, *, rerank: bool = False) -> dict[str, Any]:
+        """Ranking metrics and the match threshold on the validation protocol."""
+        return evaluate_embeddings(embeddings, self.data, self.is_query, rerank=rerank)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes}  # samplers are deterministic per (seed, epoch): nothing else
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("classes") != self.classes:
+            raise ValueError("the training identities differ from the interrupted run's")
+
+
+def evaluate_embeddings(
+    embeddings: torch.Tensor, data: ReIDData, is_query: np.ndarray, *, rerank: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of validation embeddings, and the evaluator's details (distances, indices) for plots."""
+    evaluator = ReIDEvaluator(rerank=rerank)
+    evaluator.process(embeddings, data.val_pids, data.val_camids, is_query)
+    metrics = evaluator.evaluate()
+    return metrics, evaluator.last
+
+
+# -- after training: final evaluation, plots, report, bundle fields ------------------------------------
+
+SUMMARY_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP", "map80", "map80_all_cameras")
+
+
+def write_reid_outputs(
+    model: nn.Module,
+    data: ReIDData,
+    out_dir: str | Path,
+    *,
+    eval_seed: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    rerank: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the validation protocol; write ``val_metrics.json`` and the plots."""
+    from training.plots.reid import plot_cmc, plot_ranked_lists, plot_tsne
+
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    embeddings = embed(model, data.val_images, device, batch_size, progress=progress, desc="validation")
+    is_query = data.query_mask(eval_seed)
+    metrics, last = evaluate_embeddings(embeddings, data, is_query, rerank=rerank)
+    q, g = last["query"], last["gallery"]
+    pids, camids = data.val_pids, data.val_camids
+    result = {
+        "validation": metrics,
+        "protocol": {
+            "identities": len(set(pids.tolist())),
+            "images": len(pids),
+            "queries": len(q),
+            "gallery": len(g),
+            "scored_queries": metrics["num_queries"],
+            "eval_seed": eval_seed,
+            "exclusion": "same identity and same camera (Market-1501)",
+        },
+    }
+    (out_dir / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    curves = {"cosine": metrics["cmc"]}
+    if rerank:
+        curves["k-reciprocal re-ranking"] = last["rerank_cmc"]
+    plot_cmc(curves, plots / "cmc.png")
+    plot_tsne(embeddings.numpy(), pids, plots / "tsne.png")
+    plot_ranked_lists(
+        data.val_images[q], data.val_images[g], last["distmat"], pids[q], pids[g], camids[q], camids[g],
+        plots / "ranked_lists.png",
+    )  # fmt: skip
+    return result
+
+
+def finish_reid_run(task: ReIDTask, run_dir: str | Path, *, rerank: bool = False) -> dict[str, Any]:
+    """Evaluate the best checkpoint; write val_metrics.json, plots and report.md into the run."""
+    from training.engine import BEST, METRICS_FILE, load_checkpoint
+    from training.plots.curves import plot_curves
+
+    run_dir = Path(run_dir)
+    best = load_checkpoint(run_dir / BEST)
+    task.model.load_state_dict(best["model"])
+    task.model.to(task.device)
+    result = write_reid_outputs(
+        task.model,
+        task.data,
+        run_dir,
+        eval_seed=task.config.eval_seed,
+        device=task.device,
+        batch_size=task.config.eval_batch_size,
+        rerank=rerank,
+    )
+    result["best_epoch"] = best["epoch"]
+    result["images"] = {"train": len(task.data.train), "val": len(task.data.val)}
+    result["identities"] = {"train": len(task.data.split.train_ids), "val": len(task.data.split.val_ids)}
+    (run_dir / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    history = json.loads((run_dir / METRICS_FILE).read_text())
+    plots = run_dir / "plots"
+    losses = [
+        "train_loss",
+        "val_loss",
+        "train_triplet_avg",
+        "train_triplet_max",
+        "train_id_avg",
+        "train_id_max",
+    ]
+    plot_curves(history, plots / "loss.png", losses, title="Loss")
+    plot_curves(history, plots / "retrieval.png", ["rank1", "mAP", "mINP", "map80"], title="Validation")
+    (run_dir / "report.md").write_text(reid_report(task.config, result, history))
+    return result
+
+
+def reid_report(config: ReIDTrainConfig, result: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """A short markdown report linking the plots."""
+    val, proto = result["validation"], result["protocol"]
+    seconds = [r["seconds"] for r in history]
+    speed = [r["images_per_s"] for r in history]
+    loss = "lambda (T_max + T_avg" + (" + CE_max + CE_avg)" if config.id_loss else ")")
+    lines = [
+        "# Re-ID run",
+        "",
+        f"- Recipe `{config.recipe}`: {config.triplet} triplet loss, margin {config.margin}, "
+        f"loss = {loss} with lambda {config.loss_lambda}, label smoothing {config.label_smoothing}",
+        f"- Backbone `{config.backbone}`, input {config.input_size[0]}x{config.input_size[1]}, last stride "
+        f"{config.last_stride}, branch dim {config.branch_dim}, init weights `{config.init_weights}`",
+        f"- Data `{config.data_root}` ({config.layout} layout, "
+        f"fingerprint `{config.data_fingerprint[:12]}`): "
+        f"{result['identities']['train']} / {result['identities']['val']} identities, "
+        f"{result['images']['train']} / {result['images']['val']} images (train / validation)",
+        f"- {len(history)} epochs, best epoch {result['best_epoch']} (by `{config.monitor}`); "
+        f"{sum(seconds) / max(len(seconds), 1):.0f} s per epoch, "
+        f"{sum(speed) / max(len(speed), 1):.0f} training images/s",
+        "",
+        "## Validation (best epoch, Market-1501 protocol)",
+        "",
+        f"{proto['queries']} queries (one per identity and camera, seed {proto['eval_seed']}; "
+        f"{proto['scored_queries']} scored), {proto['gallery']} gallery images.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {k} | {val[k]:.4f} |" for k in SUMMARY_KEYS]
+    lines.append(
+        f"| match threshold (cosine, 1% false matches) | {val['match_threshold']:.4f} "
+        f"(true-match rate {val['true_match_rate_at_threshold']:.3f}) |"
+    )
+    if "rerank" in val:
+        rr = val["rerank"]
+        lines += [
+            "",
+            f"With k-reciprocal re-ranking: rank-1 {rr['rank1']:.4f}, mAP {rr['mAP']:.4f}, "
+            f"mINP {rr['mINP']:.4f} ({rr['rerank_seconds']:.1f} s, {rr['rerank_peak_mb']:.0f} MB peak).",
+        ]
+    lines += [
+        "",
+        "`map80` is the report's course metric (AP over the first 80 results); `map80_all_cameras` keeps "
+        "same-camera matches, as the report's evaluation did. Definitions: `training/evaluation/reid.py`.",
+        "",
+        "## Plots",
+        "",
+        "![loss](plots/loss.png) ![validation](plots/retrieval.png)",
+        "",
+        "![CMC](plots/cmc.png) ![t-SNE](plots/tsne.png)",
+        "",
+        "![ranked lists](plots/ranked_lists.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def manifest_fields(checkpoint: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Bundle fields of a re-ID run (``training/export.py``): embedding, match threshold, metrics.
+
+    The identity classifiers are training-only: this drops them from ``checkpoint`` in place (weights,
+    and ``num_classes`` = 0 in its architecture) so the bundle holds the embedding network alone.
+    """
+    checkpoint["architecture"] = {**checkpoint["architecture"], "num_classes": 0}
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if ".classifier." not in k}
+    dim = 2 * int(checkpoint["model"]["branches.avg.neck.weight"].shape[0])
+    metrics = {k: v for k, v in checkpoint["metrics"].items() if isinstance(v, int | float)}
+    final = Path(run_dir) / "val_metrics.json"
+    if final.is_file():  # the best epoch re-evaluated after training
+        saved = json.loads(final.read_text())
+        metrics = {k: v for k, v in saved["validation"].items() if isinstance(v, int | float)}
+        metrics["protocol"] = saved.get("protocol", {})
+    metrics["best_epoch"] = checkpoint["epoch"]
+    return {
+        "embedding": {"dim": dim, "normalized": True, "distance": "cosine"},
+        "match_threshold": metrics.get("match_threshold"),
+        "metrics": metrics,
+    }
