@@ -53,7 +53,7 @@ class _Model:
         manifest: Manifest,
         net: nn.Module,
         *,
-        batch_size: int = 32,
+        batch_size: int = 8,
         observer: InferenceObserver | None = None,
     ) -> None:
         self.manifest = manifest
@@ -104,6 +104,9 @@ class AttributeModel(_Model):
         super().__init__(manifest, net, **kwargs)
         schema = manifest.attribute_schema or schema_as_dict()
         self.groups: dict[str, tuple[str, ...]] = {g["name"]: tuple(g["classes"]) for g in schema}
+        heads = {name: head[-1].out_features for name, head in net.heads.items()}
+        if heads != {name: len(classes) for name, classes in self.groups.items()}:
+            raise BundleError(f"{manifest.name}: attribute schema does not match the network's heads")
 
     def predict(self, images: Sequence[Image.Image]) -> list[Attributes]:
         results: list[Attributes] = []
@@ -146,17 +149,6 @@ class ReIDModel(_Model):
         return {**super().describe(), "embedding_dim": self.dim, "match_threshold": self.match_threshold}
 
 
-def _load(directory: Path, task: str) -> tuple[Manifest, nn.Module]:
-    if not directory.is_dir():
-        raise MissingBundleError(f"{task} bundle not found at {directory}")
-    manifest = read_manifest(directory)
-    if manifest.task != task:
-        raise BundleError(f"{directory}: a {manifest.task!r} bundle where a {task!r} bundle was expected")
-    if task == "reid" and manifest.embedding is None:
-        raise BundleError(f"{directory}: re-ID manifest has no 'embedding' section")
-    return load_bundle(directory)
-
-
 @dataclass
 class Models:
     """The two loaded bundles."""
@@ -167,10 +159,10 @@ class Models:
     @classmethod
     def load(
         cls,
-        attribute_dir: Path,
-        reid_dir: Path,
+        attribute_dir: str | Path,
+        reid_dir: str | Path,
         *,
-        batch_size: int = 32,
+        batch_size: int = 8,
         observer: InferenceObserver | None = None,
     ) -> Models:
         attributes = AttributeModel(
@@ -180,10 +172,19 @@ class Models:
         return cls(attributes, reid)
 
 
-def check_bundle(directory: Path, task: str) -> None:
+def check_bundle(directory: str | Path, task: str) -> Manifest:
     """Cheap start-up check (directory, manifest, task) without loading weights."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise MissingBundleError(f"{task} bundle not found at {directory}")
     manifest = read_manifest(directory)
     if manifest.task != task:
         raise BundleError(f"{directory}: a {manifest.task!r} bundle where a {task!r} bundle was expected")
+    if task == "reid" and manifest.embedding is None:
+        raise BundleError(f"{directory}: re-ID manifest has no 'embedding' section")
+    return manifest
+
+
+def _load(directory: str | Path, task: str) -> tuple[Manifest, nn.Module]:
+    check_bundle(directory, task)
+    return load_bundle(directory)
