@@ -58,6 +58,7 @@ class _Model:
     ) -> None:
         self.manifest = manifest
         self.net = net.eval()
+        self.device = next(net.parameters()).device
         self.batch_size = batch_size
         self.observer = observer
 
@@ -76,7 +77,9 @@ class _Model:
     def _forward(self, batch: torch.Tensor):
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.net(batch)
+            out = self.net(batch.to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if self.observer is not None:
             self.observer(self.task, time.perf_counter() - start, batch.shape[0])
         return out
@@ -112,7 +115,7 @@ class AttributeModel(_Model):
         results: list[Attributes] = []
         for batch in _batches(images, self.input_size, self.batch_size):
             logits = self._forward(batch)
-            probs = {name: torch.softmax(logits[name].float(), dim=1) for name in self.groups}
+            probs = {name: torch.softmax(logits[name].float(), dim=1).cpu() for name in self.groups}
             for i in range(batch.shape[0]):
                 crop: Attributes = {}
                 for name, classes in self.groups.items():
@@ -140,7 +143,7 @@ class ReIDModel(_Model):
         out = np.empty((len(images), self.dim), dtype=np.float32)
         row = 0
         for batch in _batches(images, self.input_size, self.batch_size):
-            emb = self._forward(batch).float().numpy()
+            emb = self._forward(batch).float().cpu().numpy()
             out[row : row + emb.shape[0]] = emb
             row += emb.shape[0]
         return out
@@ -163,12 +166,12 @@ class Models:
         reid_dir: str | Path,
         *,
         batch_size: int = 8,
+        device: str = "cpu",
         observer: InferenceObserver | None = None,
     ) -> Models:
-        attributes = AttributeModel(
-            *_load(attribute_dir, "attributes"), batch_size=batch_size, observer=observer
-        )
-        reid = ReIDModel(*_load(reid_dir, "reid"), batch_size=batch_size, observer=observer)
+        options = {"batch_size": batch_size, "observer": observer}
+        attributes = AttributeModel(*_load(attribute_dir, "attributes", device), **options)
+        reid = ReIDModel(*_load(reid_dir, "reid", device), **options)
         return cls(attributes, reid)
 
 
@@ -185,6 +188,6 @@ def check_bundle(directory: str | Path, task: str) -> Manifest:
     return manifest
 
 
-def _load(directory: str | Path, task: str) -> tuple[Manifest, nn.Module]:
+def _load(directory: str | Path, task: str, device: str) -> tuple[Manifest, nn.Module]:
     check_bundle(directory, task)
-    return load_bundle(directory)
+    return load_bundle(directory, device=device)

@@ -72,6 +72,7 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
         settings.attribute_bundle_dir,
         settings.reid_bundle_dir,
         batch_size=settings.batch_size,
+        device=settings.device,
         observer=metrics.observe_inference,
     )
     gallery = await run_in_threadpool(
@@ -233,6 +234,8 @@ def preflight(settings: Settings) -> str | None:
             check_bundle(directory, task)
         except BundleError as exc:
             return f"{exc}; {BUNDLE_HELP}"
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"REID_DEVICE is {settings.device} but torch sees no CUDA device; use REID_DEVICE=cpu"
     try:
         where = make_url(settings.database).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):

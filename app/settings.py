@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=1000, gt=0, le=10_000)
 
     # Inference
+    device: str = Field(
+        default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the models run: cpu, cuda, cuda:N."
+    )
     batch_size: int = Field(
         default=8,
         gt=0,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app, serve
@@ -86,6 +87,16 @@ def test_unreachable_database_fails_fast_with_one_line(monkeypatch, bundles):
         "reid-serve: cannot open the database postgresql+psycopg://reid:***@127.0.0.1:1/"
     )
     assert "\n" not in message and "secret" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_device_fails_fast(monkeypatch, bundles):
+    clear_reid_env(monkeypatch)
+    monkeypatch.setenv("REID_MODELS_DIR", str(bundles.attributes.parent))
+    monkeypatch.setenv("REID_DEVICE", "cuda")
+    with pytest.raises(SystemExit) as exc:
+        serve([])
+    assert "REID_DEVICE is cuda but torch sees no CUDA device" in str(exc.value.code)
 
 
 def test_reid_serve_without_bundles_prints_one_line(tmp_path, monkeypatch):
