@@ -198,8 +198,11 @@ def train_reid(
 def evaluate_reid(
     source: Annotated[Path, typer.Argument(help="A re-ID run directory or bundle directory.")],
     out: Annotated[
-        Path | None, Opt(help="Folder for val_metrics.json and plots (default SOURCE/eval).")
+        Path | None, Opt(help="Folder for the metrics JSON and plots (default SOURCE/eval).")
     ] = None,
+    protocol: Annotated[
+        str, Opt(help="validation (the split's validation identities) | market-test (original layout).")
+    ] = "validation",
     data_root: DataRoot = None,
     split_file: Annotated[
         Path | None, Opt(help="Split JSON (default: the run's split.json / the bundle's recorded split).")
@@ -211,24 +214,28 @@ def evaluate_reid(
     threads: Annotated[int, Opt(help="Torch CPU threads (0: one per core).")] = 0,
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
-    """Validation metrics and plots of a run's best checkpoint or of a bundle (same protocol as training)."""
+    """Metrics and plots of a run's best checkpoint or of a bundle: the validation protocol of training,
+    or the official Market-1501 query/gallery test (original layout only)."""
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
     try:
+        if protocol not in ("validation", "market-test"):
+            raise ValueError(f"--protocol must be validation or market-test, got {protocol!r}")
         result = evaluate_source(
-            source, out, data_root, split_file, rerank, device, batch_size, cache_dir, progress
+            source, out, protocol, data_root, split_file, rerank, device, batch_size, cache_dir, progress
         )
     except user_errors() as exc:
         raise fail(str(exc)) from None
-    _print_metrics(result["validation"])
-    typer.echo(f"wrote {result['out']}/val_metrics.json and {result['out']}/plots/")
+    _print_metrics(result["metrics"])
+    typer.echo(f"wrote {result['file']} and {result['out']}/plots/")
 
 
 def evaluate_source(
     source: Path,
     out: Path | None,
+    protocol: str,
     data_root: Path | None,
     split_file: Path | None,
     rerank: bool,
@@ -237,12 +244,13 @@ def evaluate_source(
     cache_dir: Path | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Load a run's best model or a bundle, rebuild its validation set, evaluate, write outputs."""
+    """Load a run's best model or a bundle, build the evaluation set, evaluate, write outputs."""
     import tempfile
 
     from app.bundle import MANIFEST, build_network, load_bundle
+    from training.data.market import load_market
     from training.engine import BEST, CONFIG_FILE, load_checkpoint, resolve_device
-    from training.tasks.reid import ReIDTrainConfig, load_reid_data, write_reid_outputs
+    from training.tasks.reid import ReIDTrainConfig, load_reid_data, market_test_set, write_reid_outputs
 
     target = resolve_device(device)
     if (source / MANIFEST).is_file():
@@ -260,28 +268,34 @@ def evaluate_source(
         recorded = source / "split.json"
     else:
         raise FileNotFoundError(f"{source}: neither a bundle ({MANIFEST}) nor a run directory ({BEST})")
-    split = split_file or (recorded if recorded is not None and recorded.is_file() else None)
-    if split is None:  # the split is deterministic in (data, seed, fraction): recompute it
-        typer.echo("no recorded split found: recomputing it from the data, seed and fraction", err=True)
     config = config.replace(
         data_root=str(data_root) if data_root else config.data_root,
-        split_file=str(split) if split else None,
         cache_dir=str(cache_dir) if cache_dir else config.cache_dir,
         progress=progress,
         data_fingerprint="",  # evaluating on other data is allowed; the fingerprint is reported
     )
+    if protocol == "market-test":
+        data = load_market(config.data_root, "auto")
+        eval_set = market_test_set(
+            data, config.input_size, config.cache_dir or None, workers=config.workers, progress=progress
+        )
+        config.data_fingerprint = data.fingerprint
+    else:
+        split = split_file or (recorded if recorded is not None and recorded.is_file() else None)
+        if split is None:  # the split is deterministic in (data, seed, fraction): recompute it
+            typer.echo("no recorded split found: recomputing it from the data, seed and fraction", err=True)
+        config.split_file = str(split) if split else None
+        with tempfile.TemporaryDirectory() as scratch:  # resolve_split writes a copy; keep it out of SOURCE
+            eval_set = load_reid_data(config, scratch).validation_set(config.eval_seed)
     out = out or source / "eval"
-    with tempfile.TemporaryDirectory() as scratch:  # resolve_split copies the split; keep it out of SOURCE
-        data = load_reid_data(config, scratch)
     result = write_reid_outputs(
-        model, data, out, eval_seed=config.eval_seed, device=target, batch_size=batch_size, rerank=rerank,
-        progress=progress,
-    )  # fmt: skip
+        model, eval_set, out, device=target, batch_size=batch_size, rerank=rerank, progress=progress
+    )
     result["source"] = str(source)
     result["data_fingerprint"] = config.data_fingerprint
-    (out / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    result["out"] = out
-    return result
+    file = out / ("val_metrics.json" if eval_set.name == "validation" else f"{eval_set.name}_metrics.json")
+    file.write_text(json.dumps(result, indent=1) + "\n")
+    return {**result, "metrics": result[eval_set.name], "out": out, "file": file}
 
 
 def ablation(

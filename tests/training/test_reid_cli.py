@@ -72,6 +72,9 @@ def test_export_evaluate_predict(reid_run, course_root, tmp_path):
     assert evaluated["mAP"] == pytest.approx(saved["mAP"], abs=1e-4)  # same split, same protocol
     assert (out / "plots" / "cmc.png").is_file()
 
+    result = invoke("evaluate-reid", bundle, "--protocol", "market-test", "--data-root", course_root)
+    assert result.exit_code == 1 and "no labelled query/gallery" in result.output
+
     images = sorted((course_root / "train").iterdir())
     queries, gallery = tmp_path / "q", tmp_path / "g"
     queries.mkdir()
@@ -114,3 +117,16 @@ def test_errors(tmp_path):
     assert result.exit_code == 1 and "not found" in result.output
     result = invoke("train-reid", "--recipe", "nope", "--data-root", tmp_path, "--run-dir", tmp_path / "r")
     assert result.exit_code == 1 and "available" in result.output
+
+
+def test_market_test_protocol(reid_run, original_root, tmp_path):
+    out = tmp_path / "test-eval"
+    result = invoke(
+        "evaluate-reid", reid_run, "--protocol", "market-test", "--data-root", original_root,
+        "--out", out, "--cache-dir", tmp_path / "cache", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "market_test_metrics.json").read_text())
+    assert saved["protocol"]["queries"] == 6 * 3  # 6 test identities, one query per camera
+    assert saved["protocol"]["gallery"] == 6 * 3 + 2  # plus one junk and one distractor image
+    assert 0 <= saved["market_test"]["mAP"] <= 1

@@ -137,6 +137,18 @@ class ReIDTrainConfig(TrainConfig):
 
 
 @dataclass
+class EvalSet:
+    """Images to rank among themselves: queries and gallery, with identity and camera per image."""
+
+    name: str  # 'validation' | 'market_test'
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    pids: np.ndarray
+    camids: np.ndarray
+    is_query: np.ndarray
+    note: str = ""
+
+
+@dataclass
 class ReIDData:
     """Training and validation images (uint8 caches) with identity and camera per image."""
 
@@ -163,6 +175,35 @@ class ReIDData:
         """Which validation images are queries (one per identity and camera, seeded)."""
         q, _ = split_query_gallery(self.val_pids, self.val_camids, seed=seed)
         return np.isin(np.arange(len(self.val)), q)
+
+    def validation_set(self, seed: int = 0) -> EvalSet:
+        note = f"validation identities of the split; one query per identity and camera (seed {seed})"
+        return EvalSet(
+            "validation", self.val_images, self.val_pids, self.val_camids, self.query_mask(seed), note
+        )
+
+
+def market_test_set(
+    data: MarketData, size: tuple[int, int], cache_dir: str | None, *, workers: int = 2, progress: bool = True
+) -> EvalSet:
+    """The official Market-1501 test protocol: ``query/`` against ``bounding_box_test/`` (original layout;
+    junk images, pid -1, are ignored by the metrics, distractors, pid 0, count as wrong matches)."""
+    if not data.query or not data.gallery:
+        raise ValueError(
+            f"{data.root}: the {data.layout} layout has no labelled query/gallery; "
+            "use the validation protocol (or the original Market-1501 layout)"
+        )
+    samples = data.query + data.gallery
+    images = cached_images([s.path for s in samples], size, cache_dir, workers=workers, progress=progress)
+    is_query = np.arange(len(samples)) < len(data.query)
+    return EvalSet(
+        "market_test",
+        images,
+        np.asarray([s.pid for s in samples]),
+        np.asarray([s.camid for s in samples]),
+        is_query,
+        "Market-1501 test protocol: query/ against bounding_box_test/",
+    )
 
 
 def load_reid_data(config: ReIDTrainConfig, run_dir: str | Path) -> ReIDData:
@@ -376,7 +417,9 @@ class ReIDTask:
 
     def evaluate(self, embeddings: torch.Tensor, *, rerank: bool = False) -> dict[str, Any]:
         """Ranking metrics and the match threshold on the validation protocol."""
-        return evaluate_embeddings(embeddings, self.data, self.is_query, rerank=rerank)[0]
+        return evaluate_embeddings(
+            embeddings, self.data.val_pids, self.data.val_camids, self.is_query, rerank=rerank
+        )[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"classes": self.classes}  # samplers are deterministic per (seed, epoch): nothing else
@@ -387,11 +430,16 @@ class ReIDTask:
 
 
 def evaluate_embeddings(
-    embeddings: torch.Tensor, data: ReIDData, is_query: np.ndarray, *, rerank: bool = False
+    embeddings: torch.Tensor,
+    pids: np.ndarray,
+    camids: np.ndarray,
+    is_query: np.ndarray,
+    *,
+    rerank: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Metrics of validation embeddings, and the evaluator's details (distances, indices) for plots."""
+    """Metrics of embeddings, and the evaluator's details (distances, indices) for plots."""
     evaluator = ReIDEvaluator(rerank=rerank)
-    evaluator.process(embeddings, data.val_pids, data.val_camids, is_query)
+    evaluator.process(embeddings, pids, camids, is_query)
     metrics = evaluator.evaluate()
     return metrics, evaluator.last
 
@@ -403,48 +451,57 @@ SUMMARY_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP", "map80", "map80_all_c
 
 def write_reid_outputs(
     model: nn.Module,
-    data: ReIDData,
+    eval_set: EvalSet,
     out_dir: str | Path,
     *,
-    eval_seed: int = 0,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     rerank: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the validation protocol; write ``val_metrics.json`` and the plots."""
+    """Evaluate ``model`` on ``eval_set``; write ``val_metrics.json`` (or ``test_metrics.json``) and plots.
+
+    The metrics are stored under the set's name (``validation`` / ``market_test``).
+    """
     from training.plots.reid import plot_cmc, plot_ranked_lists, plot_tsne
 
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    embeddings = embed(model, data.val_images, device, batch_size, progress=progress, desc="validation")
-    is_query = data.query_mask(eval_seed)
-    metrics, last = evaluate_embeddings(embeddings, data, is_query, rerank=rerank)
+    images, pids, camids = eval_set.images, eval_set.pids, eval_set.camids
+    embeddings = embed(model, images, device, batch_size, progress=progress, desc=eval_set.name)
+    metrics, last = evaluate_embeddings(embeddings, pids, camids, eval_set.is_query, rerank=rerank)
     q, g = last["query"], last["gallery"]
-    pids, camids = data.val_pids, data.val_camids
     result = {
-        "validation": metrics,
+        eval_set.name: metrics,
         "protocol": {
-            "identities": len(set(pids.tolist())),
+            "set": eval_set.name,
+            "description": eval_set.note,
+            "identities": len(set(pids[pids > 0].tolist())),
             "images": len(pids),
             "queries": len(q),
             "gallery": len(g),
             "scored_queries": metrics["num_queries"],
-            "eval_seed": eval_seed,
-            "exclusion": "same identity and same camera (Market-1501)",
+            "exclusion": "same identity and same camera, and junk (pid -1) (Market-1501)",
         },
     }
-    (out_dir / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    file = "val_metrics.json" if eval_set.name == "validation" else f"{eval_set.name}_metrics.json"
+    (out_dir / file).write_text(json.dumps(result, indent=1) + "\n")
     curves = {"cosine": metrics["cmc"]}
     if rerank:
         curves["k-reciprocal re-ranking"] = last["rerank_cmc"]
     plot_cmc(curves, plots / "cmc.png")
     plot_tsne(embeddings.numpy(), pids, plots / "tsne.png")
     plot_ranked_lists(
-        data.val_images[q], data.val_images[g], last["distmat"], pids[q], pids[g], camids[q], camids[g],
+        images[q],
+        images[g],
+        last["distmat"],
+        pids[q],
+        pids[g],
+        camids[q],
+        camids[g],
         plots / "ranked_lists.png",
-    )  # fmt: skip
+    )
     return result
 
 
@@ -459,9 +516,8 @@ def finish_reid_run(task: ReIDTask, run_dir: str | Path, *, rerank: bool = False
     task.model.to(task.device)
     result = write_reid_outputs(
         task.model,
-        task.data,
+        task.data.validation_set(task.config.eval_seed),
         run_dir,
-        eval_seed=task.config.eval_seed,
         device=task.device,
         batch_size=task.config.eval_batch_size,
         rerank=rerank,
@@ -509,8 +565,8 @@ def reid_report(config: ReIDTrainConfig, result: dict[str, Any], history: list[d
         "",
         "## Validation (best epoch, Market-1501 protocol)",
         "",
-        f"{proto['queries']} queries (one per identity and camera, seed {proto['eval_seed']}; "
-        f"{proto['scored_queries']} scored), {proto['gallery']} gallery images.",
+        f"{proto['description']}: {proto['queries']} queries ({proto['scored_queries']} scored), "
+        f"{proto['gallery']} gallery images.",
         "",
         "| metric | value |",
         "| --- | --- |",
