@@ -78,6 +78,7 @@ def attribute_run(course_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         "train-attributes", "--data-root", str(course_root), "--backbone", "osnet_x0_25",
         "--input-size", "64x32", "--epochs", "2", "--batch-size", "16", "--run-dir", str(run_dir),
         "--cache-dir", str(run_dir.parent / "cache"), "--device", "cpu", "--no-progress",
+        "--monitor", "mA",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

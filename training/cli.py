@@ -125,7 +125,14 @@ def train_attributes(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Default 5e-4.")] = None,
     patience: Annotated[
-        int | None, typer.Option(help="Early stop after N epochs without a lower val loss.")
+        int | None, typer.Option(help="Early stop after N epochs without improving --monitor.")
+    ] = None,
+    monitor: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation value that picks the best epoch and drives early stopping: val_loss "
+            "(the report's, default), mean_accuracy or mA (maximised)."
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     workers: Annotated[int | None, typer.Option(help="Threads for decoding images into the cache.")] = None,
@@ -169,6 +176,8 @@ def train_attributes(
         "lr": lr,
         "weight_decay": weight_decay,
         "patience": patience,
+        "monitor": monitor,
+        "monitor_mode": (None if monitor is None else "min" if monitor.endswith("loss") else "max"),
         "device": device,
         "workers": workers,
         "threads": threads,

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from app.schema import CSV_COLUMNS
@@ -34,7 +35,16 @@ def test_train_run_directory(attribute_run):
         assert (attribute_run / "plots" / f"{plot}.png").stat().st_size > 1000
     report = (attribute_run / "report.md").read_text()
     assert "plots/class_balance.png" in report and "majority" in report
-    assert len(json.loads((attribute_run / "metrics.json").read_text())) == 2
+    history = json.loads((attribute_run / "metrics.json").read_text())
+    assert len(history) == 2
+
+
+def test_monitor_picks_the_best_epoch_by_that_metric(attribute_run):
+    config = json.loads((attribute_run / "config.json").read_text())
+    assert (config["monitor"], config["monitor_mode"]) == ("mA", "max")
+    history = json.loads((attribute_run / "metrics.json").read_text())
+    best = torch.load(attribute_run / "best.pt", map_location="cpu", weights_only=False)
+    assert best["metrics"]["mA"] == max(record["mA"] for record in history)
 
 
 def test_resume_continues_and_refuses_changes(attribute_run, tmp_path):
