@@ -1,7 +1,8 @@
 """The re-ID commands of ``reid-train``: train-reid, evaluate-reid, ablation, predict-reid.
 
-``training/cli.py`` calls :func:`register` to add them to its typer app; they reuse its option helpers
-(``--data-root`` / ``REID_DATA_ROOT``, ``--input-size HxW``, ``--init-weights``, ``--resume``).
+``training/cli.py`` calls :func:`register` to add them to its typer app; they reuse its helpers
+(``--input-size HxW``, ``--init-weights``, ``--resume``, one-line errors), imported inside the commands
+so that either module can be imported first.
 """
 
 from __future__ import annotations
@@ -15,17 +16,11 @@ from typing import Annotated, Any
 
 import typer
 
-from training.cli import (
-    DataRoot,
-    fail,
-    parse_size,
-    prepare_config,
-    require_data_root,
-    resolve_init_weights,
-    user_errors,
-)
-
 Opt = typer.Option
+DataRoot = Annotated[
+    Path | None,
+    Opt("--data-root", envvar="REID_DATA_ROOT", help="Market-1501 folder (course or original layout)."),
+]
 
 
 def _train_options(
@@ -58,6 +53,8 @@ def _train_options(
     last_stride: int | None,
     erase_p: float | None,
 ) -> dict[str, Any]:
+    from training.cli import parse_size, resolve_init_weights
+
     return {
         "data_root": str(data_root) if data_root else None,
         "layout": layout,
@@ -93,6 +90,7 @@ def run_training(
     recipe: str, options: dict[str, Any], run_dir: Path | None, resume: bool, rerank: bool
 ) -> tuple[Any, dict[str, Any], Path]:
     """Build the config (recipe + options, or the saved one on resume), train, evaluate the best epoch."""
+    from training.cli import prepare_config, require_data_root
     from training.engine import Trainer, keep_freed_memory, seed_everything
     from training.tasks.reid import ReIDTask, ReIDTrainConfig, finish_reid_run, load_reid_data
 
@@ -185,6 +183,8 @@ def train_reid(
     progress: Annotated[bool | None, Opt("--progress/--no-progress", help="Progress bars.")] = None,
 ) -> None:
     """Train the two-branch re-ID network; writes the run directory (config, metrics, best.pt, plots)."""
+    from training.cli import fail, user_errors
+
     options = _train_options(**{k_: v for k_, v in locals().items() if k_ not in _NOT_OPTIONS})
     try:
         _, final, run_dir = run_training(recipe, options, run_dir, resume, rerank)
@@ -216,6 +216,8 @@ def evaluate_reid(
 ) -> None:
     """Metrics and plots of a run's best checkpoint or of a bundle: the validation protocol of training,
     or the official Market-1501 query/gallery test (original layout only)."""
+    from training.cli import fail, user_errors
+
     if threads > 0:
         import torch
 
@@ -285,6 +287,8 @@ def evaluate_source(
         if split is None:  # the split is deterministic in (data, seed, fraction): recompute it
             typer.echo("no recorded split found: recomputing it from the data, seed and fraction", err=True)
         config.split_file = str(split) if split else None
+        if split_file:  # an explicit split names the identities to evaluate: no --limit-ids subset
+            config.limit_ids = None
         with tempfile.TemporaryDirectory() as scratch:  # resolve_split writes a copy; keep it out of SOURCE
             eval_set = load_reid_data(config, scratch).validation_set(config.eval_seed)
     out = out or source / "eval"
@@ -317,6 +321,8 @@ def ablation(
     progress: Annotated[bool | None, Opt("--progress/--no-progress")] = None,
 ) -> None:
     """The report's Table 1: the same training with and without the identity loss; writes ablation.md."""
+    from training.cli import fail, parse_size, resolve_init_weights, user_errors
+
     rows = []
     try:
         for with_id in (False, True):
@@ -401,6 +407,7 @@ def predict_reid(
     import torch
 
     from app.bundle import load_bundle
+    from training.cli import fail, user_errors
     from training.data.market import list_images
     from training.engine import keep_freed_memory
 
