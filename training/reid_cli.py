@@ -183,9 +183,10 @@ def train_reid(
     progress: Annotated[bool | None, Opt("--progress/--no-progress", help="Progress bars.")] = None,
 ) -> None:
     """Train the two-branch re-ID network; writes the run directory (config, metrics, best.pt, plots)."""
+    # First statement, so locals() holds only the parameters.
+    options = _train_options(**{k_: v for k_, v in locals().items() if k_ not in _NOT_OPTIONS})
     from training.cli import fail, user_errors
 
-    options = _train_options(**{k_: v for k_, v in locals().items() if k_ not in _NOT_OPTIONS})
     try:
         _, final, run_dir = run_training(recipe, options, run_dir, resume, rerank)
     except user_errors() as exc:
