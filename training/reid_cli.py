@@ -35,6 +35,7 @@ def _train_options(
     lr: float | None,
     weight_decay: float | None,
     patience: int | None,
+    monitor: str | None,
     device: str | None,
     workers: int | None,
     threads: int | None,
@@ -66,6 +67,8 @@ def _train_options(
         "lr": lr,
         "weight_decay": weight_decay,
         "patience": patience,
+        "monitor": monitor,
+        "monitor_mode": None if monitor is None else "min" if monitor.endswith("loss") else "max",
         "device": device,
         "workers": workers,
         "threads": threads,
@@ -156,7 +159,16 @@ def train_reid(
     batch_size: Annotated[int | None, Opt(help="Anchors per batch for the report recipe (32).")] = None,
     lr: Annotated[float | None, Opt(help="Adam learning rate (report 1e-4, modern 3.5e-4).")] = None,
     weight_decay: Annotated[float | None, Opt(help="Default 5e-4.")] = None,
-    patience: Annotated[int | None, Opt(help="Early stop after N epochs without improvement.")] = None,
+    patience: Annotated[
+        int | None, Opt(help="Early stop after N epochs without improving --monitor.")
+    ] = None,
+    monitor: Annotated[
+        str | None,
+        Opt(
+            help="Validation value that picks the best epoch and drives early stopping: val_loss "
+            "(minimised; the report recipe's), mAP (the modern recipe's), rank1, mINP or map80 (maximised)."
+        ),
+    ] = None,
     loss_lambda: Annotated[float | None, Opt("--lambda", help="Weight of every loss term (0.5).")] = None,
     margin: Annotated[float | None, Opt(help="Triplet margin (report 10, modern 0.3).")] = None,
     id_loss: Annotated[

@@ -26,7 +26,7 @@ def reid_run(course_root, tmp_path_factory):
     run = tmp / "run"
     result = invoke(
         "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp / "cache",
-        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--rerank", *TINY,
+        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--monitor", "rank1", "--rerank", *TINY,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "mAP" in result.output and "match threshold" in result.output and "re-ranked" in result.output
@@ -40,6 +40,7 @@ def test_run_directory(reid_run):
         assert (reid_run / "plots" / f"{plot}.png").stat().st_size > 1000, plot
     config = json.loads((reid_run / "config.json").read_text())
     assert config["task"] == "reid" and config["recipe"] == "modern" and config["batch_size"] == 6
+    assert (config["monitor"], config["monitor_mode"]) == ("rank1", "max")
     final = json.loads((reid_run / "val_metrics.json").read_text())
     assert {"rank1", "mAP", "mINP", "map80", "match_threshold", "rerank"} <= set(final["validation"])
     assert final["protocol"]["queries"] + final["protocol"]["gallery"] == final["images"]["val"]
