@@ -139,7 +139,5 @@ def load_bundle(directory: str | Path, *, device: str = "cpu") -> tuple[Manifest
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise BundleError(
-            f"{weights}: weights do not fit the manifest's architecture: {exc}"
-        ) from None
+        raise BundleError(f"{weights}: weights do not fit the manifest's architecture: {exc}") from None
     return manifest, model.to(device).eval()

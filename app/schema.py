@@ -45,12 +45,8 @@ ATTRIBUTE_GROUPS: tuple[AttributeGroup, ...] = (
     AttributeGroup("bag", ("no", "yes"), ("bag",)),
     AttributeGroup("handbag", ("no", "yes"), ("handbag",)),
     AttributeGroup("age", ("young", "teenager", "adult", "old"), ("age",)),
-    AttributeGroup(
-        "upper_colour", (*UPPER_COLOURS, MULTICOLOUR), tuple(f"up{c}" for c in UPPER_COLOURS)
-    ),
-    AttributeGroup(
-        "lower_colour", (*LOWER_COLOURS, MULTICOLOUR), tuple(f"down{c}" for c in LOWER_COLOURS)
-    ),
+    AttributeGroup("upper_colour", (*UPPER_COLOURS, MULTICOLOUR), tuple(f"up{c}" for c in UPPER_COLOURS)),
+    AttributeGroup("lower_colour", (*LOWER_COLOURS, MULTICOLOUR), tuple(f"down{c}" for c in LOWER_COLOURS)),
 )
 GROUPS_BY_NAME: dict[str, AttributeGroup] = {g.name: g for g in ATTRIBUTE_GROUPS}
 

@@ -77,9 +77,7 @@ def _resnet50(init_weights: str | None, last_stride: int) -> BackboneParts:
     if last_stride == 1:
         net.layer4[0].conv2.stride = (1, 1)
         net.layer4[0].downsample[0].stride = (1, 1)
-    trunk = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
-    )
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
     return BackboneParts(trunk, net.layer4, 2048)
 
 
@@ -94,9 +92,7 @@ def _mobilenet_v2(init_weights: str | None, last_stride: int) -> BackboneParts:
             state = _read_state_dict(init_weights)
             if any(k.startswith("features.") for k in state):
                 state = {
-                    k.removeprefix("features."): v
-                    for k, v in state.items()
-                    if k.startswith("features.")
+                    k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
                 }
             features.load_state_dict(state, strict=True)
     if last_stride == 1:
@@ -126,9 +122,7 @@ BACKBONES: dict[str, Callable[[str | None, int], BackboneParts]] = {
 }
 
 
-def build_backbone(
-    name: str, *, init_weights: str | None = None, last_stride: int = 2
-) -> BackboneParts:
+def build_backbone(name: str, *, init_weights: str | None = None, last_stride: int = 2) -> BackboneParts:
     """Build a registered backbone; ``init_weights`` is None, 'imagenet' or a state-dict path."""
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")

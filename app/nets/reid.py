@@ -78,17 +78,13 @@ class ReIDNet(nn.Module):
     def __init__(self, config: ReIDNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
         self.config = config
-        parts = build_backbone(
-            config.backbone, init_weights=init_weights, last_stride=config.last_stride
-        )
+        parts = build_backbone(config.backbone, init_weights=init_weights, last_stride=config.last_stride)
         self.normalize = Normalize(config.mean, config.std)
         self.trunk = parts.trunk
         dim, classes = config.branch_dim, config.num_classes
         self.branches = nn.ModuleDict(
             {
-                "avg": Branch(
-                    parts.last_stage, nn.AdaptiveAvgPool2d(1), parts.channels, dim, classes
-                ),
+                "avg": Branch(parts.last_stage, nn.AdaptiveAvgPool2d(1), parts.channels, dim, classes),
                 "max": Branch(
                     copy.deepcopy(parts.last_stage),
                     nn.AdaptiveMaxPool2d(1),
