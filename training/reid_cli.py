@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -465,35 +464,20 @@ def embed_files(
 ) -> Any:
     """Decode (threads, one batch ahead) and embed ``paths``; returns an (N, D) float32 CPU tensor."""
     import torch
-    from tqdm import tqdm
 
-    from app.preprocess import load_image_file
-    from training.cli import fuse_conv_bn
-    from training.data.transforms import to_model_input
-    from training.engine import resolve_device
+    from training.batch_inference import model_inputs
 
-    target = resolve_device(device)
-    model = model.eval()
-    fuse_conv_bn(model)  # same embeddings up to float rounding, faster on CPU
-    model = model.to(target, memory_format=torch.channels_last)
-    channels_last = True
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    out = []
-    with (
-        ThreadPoolExecutor(max(1, workers)) as pool,
-        tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar,
-        torch.inference_mode(),
-    ):
-
-        def decode(batch: list[Path]) -> list[Future[torch.Tensor]]:
-            return [pool.submit(load_image_file, p, size) for p in batch]
-
-        pending = decode(batches[0]) if batches else []
-        for i in range(len(batches)):
-            images = torch.stack([f.result() for f in pending])
-            pending = decode(batches[i + 1]) if i + 1 < len(batches) else []
-            out.append(model(to_model_input(images, target, channels_last)).float().cpu())
-            bar.update(len(images))
+    inputs = model_inputs(
+        model,
+        paths,
+        size,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+    )
+    out = [net(x).float().cpu() for net, _, x in inputs]
     return torch.cat(out)
 
 

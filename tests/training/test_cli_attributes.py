@@ -133,7 +133,7 @@ def test_fuse_conv_bn_keeps_outputs(attribute_run):
     import torch
 
     from app.bundle import build_network
-    from training.cli import fuse_conv_bn
+    from training.batch_inference import fuse_conv_bn
     from training.engine import load_checkpoint
 
     ckpt = load_checkpoint(attribute_run / "best.pt")

@@ -26,7 +26,8 @@ def reid_run(course_root, tmp_path_factory):
     run = tmp / "run"
     result = invoke(
         "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp / "cache",
-        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--monitor", "rank1", "--rerank", *TINY,
+        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--monitor", "rank1", "--rerank",
+        *TINY,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "mAP" in result.output and "match threshold" in result.output and "re-ranked" in result.output

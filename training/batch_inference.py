@@ -1,0 +1,71 @@
+"""Batch inference over image folders, shared by predict-attributes and predict-reid."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from tqdm import tqdm
+
+from app.preprocess import load_image_file
+from training.data.transforms import to_model_input
+from training.engine import resolve_device
+
+
+def fuse_conv_bn(model: nn.Module) -> int:
+    """Fold each BatchNorm that follows a conv inside a Sequential into that conv (eval only; same outputs
+    up to float rounding, ~1e-6). MobileNetV2 predicts ~1.3x faster on CPU. Returns the number folded."""
+    folded = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for a, b in itertools.pairwise(list(module._modules)):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                module._modules[b] = nn.Identity()
+                folded += 1
+    return folded
+
+
+def model_inputs(
+    model: nn.Module,
+    paths: list[Path],
+    size: tuple[int, int],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = True,
+    desc: str = "predict",
+) -> Iterator[tuple[nn.Module, list[Path], torch.Tensor]]:
+    """Prepare ``model`` for fast inference and yield (model, batch paths, model-ready input) batches.
+
+    Images are decoded by ``workers`` threads one batch ahead of the forward pass; the caller runs the
+    model under ``torch.inference_mode()``, which this generator enters.
+    """
+    target = resolve_device(device)
+    model = model.eval()
+    fuse_conv_bn(model)
+    model = model.to(target, memory_format=torch.channels_last)  # faster on CPU too
+    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    with (
+        ThreadPoolExecutor(max(1, workers)) as pool,
+        tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar,
+        torch.inference_mode(),
+    ):
+
+        def decode(batch: list[Path]) -> list[Future[torch.Tensor]]:
+            return [pool.submit(load_image_file, p, size) for p in batch]
+
+        pending = decode(batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            images = torch.stack([f.result() for f in pending])
+            pending = decode(batches[k + 1]) if k + 1 < len(batches) else []
+            yield model, batch, to_model_input(images, target, True)
+            bar.update(len(batch))
