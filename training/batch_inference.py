@@ -12,9 +12,21 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
+from app.bundle import BundleError, Manifest, Task, load_bundle
 from app.preprocess import load_image_file
 from training.data.transforms import to_model_input
-from training.engine import resolve_device
+from training.engine import keep_freed_memory, resolve_device
+
+
+def open_bundle(bundle: Path, task: Task, threads: int = 0) -> tuple[Manifest, nn.Module]:
+    """Set up this process for batch prediction and load a bundle, which must be of ``task``."""
+    keep_freed_memory()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    manifest, model = load_bundle(bundle)
+    if manifest.task != task:
+        raise BundleError(f"{bundle} is a {manifest.task} bundle, not a {task} bundle")
+    return manifest, model
 
 
 def fuse_conv_bn(model: nn.Module) -> int:

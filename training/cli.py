@@ -310,19 +310,11 @@ def predict_attributes(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Predict the attributes of every image of a folder; one CSV row per image, id = file name."""
-    import torch
-
-    from app.bundle import load_bundle
+    from training.batch_inference import open_bundle
     from training.data.market import list_images
-    from training.engine import keep_freed_memory
 
-    keep_freed_memory()
-    if threads > 0:
-        torch.set_num_threads(threads)
     try:
-        manifest, model = load_bundle(bundle)
-        if manifest.task != "attributes":
-            raise fail(f"{bundle} is a {manifest.task} bundle, not an attribute bundle")
+        manifest, model = open_bundle(bundle, "attributes", threads)
         paths = list_images(images)
         started = time.perf_counter()
         count = write_predictions(

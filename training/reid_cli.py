@@ -416,21 +416,12 @@ def predict_reid(
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
     """Rank the gallery for every query by cosine similarity, most similar first."""
-    import torch
-
-    from app.bundle import load_bundle
+    from training.batch_inference import open_bundle
     from training.cli import fail, user_errors
     from training.data.market import list_images
-    from training.engine import keep_freed_memory
-
-    keep_freed_memory()
-    if threads > 0:
-        torch.set_num_threads(threads)
 
     try:
-        manifest, model = load_bundle(bundle)
-        if manifest.task != "reid":
-            raise ValueError(f"{bundle} is a {manifest.task} bundle, not a re-ID bundle")
+        manifest, model = open_bundle(bundle, "reid", threads)
         q_paths, g_paths = list_images(queries), list_images(gallery)
         if not q_paths or not g_paths:
             raise ValueError(f"no images in {queries if not q_paths else gallery}")
