@@ -25,7 +25,7 @@ def open_bundle(bundle: Path, task: Task, threads: int = 0) -> tuple[Manifest, n
         torch.set_num_threads(threads)
     manifest, model = load_bundle(bundle)
     if manifest.task != task:
-        raise BundleError(f"{bundle} is a {manifest.task} bundle, not a {task} bundle")
+        raise BundleError(f"{bundle} holds a {manifest.task!r} bundle; this command needs {task!r}")
     return manifest, model
 
 
