@@ -62,20 +62,36 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def parse_steps(text: str) -> tuple[int, ...]:
+    """'8,12' -> (8, 12); empty text -> ()."""
+    try:
+        steps = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected epochs separated by commas such as 8,12, got {text!r}") from None
+    if any(step < 1 for step in steps):
+        raise typer.BadParameter(f"epochs must be at least 1, got {text!r}")
+    return steps
+
+
 def require_data_root(data_root: Path | None) -> Path:
     if data_root is None:
         raise fail("no data root: pass --data-root or set REID_DATA_ROOT")
     return data_root
 
 
-def resolve_init_weights(value: str | None) -> str | None:
+def resolve_init_weights(value: str | None, *, bundles: bool = False) -> str | None:
+    """None, 'imagenet', or the absolute path of a state-dict file (or, with ``bundles``, a bundle)."""
     if value is None or value.lower() == "none":
         return None
     if value.lower() == "imagenet":
         return "imagenet"
-    if not Path(value).is_file():
-        raise fail(f"--init-weights {value}: no such file (pass a state-dict file, 'imagenet' or 'none')")
-    return str(Path(value).resolve())
+    path = Path(value)
+    if bundles and (path / "manifest.json").is_file():
+        return str(path.resolve())
+    if not path.is_file():
+        kinds = "a state-dict file, a re-ID bundle folder" if bundles else "a state-dict file"
+        raise fail(f"--init-weights {value}: no such file (pass {kinds}, 'imagenet' or 'none')")
+    return str(path.resolve())
 
 
 def prepare_config(config_cls: type, options: dict[str, Any], run_dir: Path | None, resume: bool) -> Any:
@@ -115,13 +131,20 @@ def train_attributes(
     layout: Annotated[str | None, typer.Option(help="auto | course | original")] = None,
     backbone: Annotated[str | None, typer.Option(help="resnet50 | mobilenet_v2 | osnet_x0_25")] = None,
     init_weights: Annotated[
-        str | None, typer.Option(help="State-dict file, 'imagenet' (torchvision download) or 'none'.")
+        str | None,
+        typer.Option(
+            help="State-dict file, 'imagenet' (torchvision download), 'none', or a re-ID bundle folder "
+            "(its backbone: e.g. --backbone osnet_x0_25 --init-weights models_store/reid)."
+        ),
     ] = None,
     input_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH, default 256x128.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs (default 100).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Default 128.")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Default 5e-4.")] = None,
+    lr_steps: Annotated[
+        str | None, typer.Option(help="Epochs at which the lr is divided by 10, e.g. 8,12 (default none).")
+    ] = None,
     patience: Annotated[
         int | None, typer.Option(help="Early stop after N epochs without improving --monitor.")
     ] = None,
@@ -154,7 +177,10 @@ def train_attributes(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Decoded-image cache folder (default ./cache).")
     ] = None,
-    class_weights: Annotated[str | None, typer.Option(help="majority | none")] = None,
+    class_weights: Annotated[
+        str | None,
+        typer.Option(help="majority (the report's: majority count / class count) | sqrt (its root) | none"),
+    ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars.")] = None,
 ) -> None:
     """Train the 12-head attribute classifier; writes the run directory (config, metrics, best.pt, plots)."""
@@ -167,12 +193,15 @@ def train_attributes(
         "data_root": str(data_root) if data_root else None,
         "layout": layout,
         "backbone": backbone,
-        "init_weights": resolve_init_weights(init_weights) if init_weights is not None else None,
+        "init_weights": (
+            resolve_init_weights(init_weights, bundles=True) if init_weights is not None else None
+        ),
         "input_size": parse_size(input_size) if input_size else None,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
+        "lr_steps": parse_steps(lr_steps) if lr_steps is not None else None,
         "patience": patience,
         "monitor": monitor,
         "monitor_mode": (None if monitor is None else "min" if monitor.endswith("loss") else "max"),
@@ -285,13 +314,22 @@ def export(
     ] = None,
     half: Annotated[bool, typer.Option("--half", help="Store the weights in float16.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    logit_adjust: Annotated[
+        float,
+        typer.Option(
+            help="Attribute runs: logit adjustment tau, one of the run's report.md trade-off table "
+            "(0 = most accurate, 1 = most balanced); folded into the heads' biases."
+        ),
+    ] = 0.0,
 ) -> None:
     """Write the run's best checkpoint as a bundle: manifest.json + weights.safetensors."""
     from app.bundle import read_manifest
     from training.export import export_run
 
     try:
-        directory = export_run(run_dir, store=store, name=name, half=half, force=force)
+        directory = export_run(
+            run_dir, store=store, name=name, half=half, force=force, logit_adjust=logit_adjust
+        )
     except user_errors() as exc:
         raise fail(str(exc)) from None
     manifest = read_manifest(directory)

@@ -35,7 +35,7 @@ class TrainConfig:
 
     # Model
     backbone: str = "mobilenet_v2"
-    init_weights: str | None = None  # None, 'imagenet' or a state-dict file
+    init_weights: str | None = None  # None, 'imagenet', a state-dict file or (attributes) a re-ID bundle
     input_size: tuple[int, int] = (256, 128)  # (height, width)
 
     # Optimisation
@@ -115,7 +115,7 @@ class AttributeTrainConfig(TrainConfig):
     TASK: ClassVar[str] = "attributes"
 
     dropout: float = 0.2
-    class_weights: str = "majority"  # majority (majority count / class count) | none
+    class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
     epochs: int = 100
     patience: int = 5
     monitor: str = "val_loss"
@@ -123,8 +123,8 @@ class AttributeTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.class_weights not in ("majority", "none"):
-            raise ValueError(f"class_weights must be 'majority' or 'none', got {self.class_weights!r}")
+        if self.class_weights not in ("majority", "sqrt", "none"):
+            raise ValueError(f"class_weights must be majority, sqrt or none, got {self.class_weights!r}")
 
 
 def read_task(path: str | Path) -> str:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.bundle import Manifest, build_network, load_bundle, save_bundle
 from app.schema import schema_as_dict
 from training.engine import BEST, load_checkpoint
@@ -28,17 +30,35 @@ from training.engine import BEST, load_checkpoint
 DEFAULT_STORE = "models_store"
 
 
-def _attribute_fields(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    metrics = {k: v for k, v in checkpoint["metrics"].items() if isinstance(v, int | float)}
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _attribute_fields(checkpoint: dict[str, Any], run_dir: Path, logit_adjust: float = 0.0) -> dict[str, Any]:
     final = run_dir / "val_metrics.json"
-    if final.is_file():  # the best epoch re-evaluated after training, with the majority baseline
-        saved = json.loads(final.read_text())
-        metrics = {k: v for k, v in saved["validation"].items() if isinstance(v, int | float)}
-        metrics["majority_baseline"] = {
-            k: v for k, v in saved["majority_baseline"].items() if isinstance(v, int | float)
-        }
+    # val_metrics.json: the best epoch re-evaluated after training, with the majority baseline
+    saved = json.loads(final.read_text()) if final.is_file() else {}
+    metrics = _scalars(saved.get("validation") or checkpoint["metrics"])
+    if logit_adjust:
+        metrics = {**_scalars(_adjust_heads(checkpoint, saved, logit_adjust)), "logit_adjust": logit_adjust}
+    if saved:
+        metrics["majority_baseline"] = _scalars(saved["majority_baseline"])
     metrics["best_epoch"] = checkpoint["epoch"]
     return {"attribute_schema": schema_as_dict(), "metrics": metrics}
+
+
+def _adjust_heads(checkpoint: dict[str, Any], saved: dict[str, Any], tau: float) -> dict[str, Any]:
+    """Fold ``-tau * log prior`` into each head's bias; return the validation metrics at that tau."""
+    rows = saved.get("logit_adjustment", {}).get("tradeoff", [])
+    row = next((r for r in rows if abs(r["tau"] - tau) < 1e-9), None)
+    if row is None:
+        measured = ", ".join(f"{r['tau']:g}" for r in rows) or "none (no val_metrics.json from this code)"
+        raise ExportError(f"--logit-adjust {tau:g} was not evaluated for this run; evaluated: {measured}")
+    model = checkpoint["model"]
+    for name, log_prior in saved["logit_adjustment"]["log_priors"].items():
+        key = f"heads.{name}.1.bias"  # Sequential(Dropout, Linear)
+        model[key] = model[key] - tau * torch.tensor(log_prior, dtype=model[key].dtype)
+    return {k: v for k, v in row.items() if k != "tau"}
 
 
 def _reid_fields(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -65,8 +85,13 @@ def export_run(
     half: bool = False,
     force: bool = False,
     command: str | None = None,
+    logit_adjust: float = 0.0,
 ) -> Path:
-    """Write ``<store>/<name>/`` (name defaults to the task: ``attributes`` or ``reid``); returns it."""
+    """Write ``<store>/<name>/`` (name defaults to the task: ``attributes`` or ``reid``); returns it.
+
+    ``logit_adjust`` (attribute runs): fold the decision rule at that tau into the heads' biases, and
+    record the validation metrics measured at that tau (``val_metrics.json``'s trade-off table).
+    """
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / BEST)
     task = checkpoint.get("task")
@@ -78,7 +103,12 @@ def export_run(
     if (directory / "manifest.json").exists() and not force:
         raise ExportError(f"{directory} already holds a bundle; pass --force to replace it")
     config = checkpoint.get("config", {})
-    fields = MANIFEST_FIELDS[task](checkpoint, run_dir)  # may drop training-only parts first
+    if logit_adjust and task != "attributes":
+        raise ExportError(f"--logit-adjust applies to attribute runs; {run_dir} is a {task!r} run")
+    if logit_adjust:
+        fields = _attribute_fields(checkpoint, run_dir, logit_adjust)
+    else:
+        fields = MANIFEST_FIELDS[task](checkpoint, run_dir)  # may drop training-only parts first
     architecture = checkpoint["architecture"]
     model = build_network(task, architecture)
     model.load_state_dict(checkpoint["model"], strict=True)

@@ -35,6 +35,23 @@ def test_class_weights_majority_over_count():
     assert weights["upper_colour"].tolist() == [1.0] * 9
 
 
+def test_sqrt_class_weights_in_the_task(course_root, tmp_path):
+    from training.config import AttributeTrainConfig
+    from training.tasks.attributes import AttributeTask, load_attribute_data
+
+    cfg = AttributeTrainConfig(data_root=str(course_root), input_size=(32, 16), cache_dir="", progress=False)
+    data = load_attribute_data(cfg, tmp_path)
+    full = AttributeTask(cfg, data).weights
+    root = AttributeTask(cfg.replace(class_weights="sqrt"), data).weights
+    none = AttributeTask(cfg.replace(class_weights="none"), data).weights
+    for name, w in full.items():
+        torch.testing.assert_close(root[name], w.sqrt())
+        assert none[name].tolist() == [1.0] * len(w)
+    assert any(w.max() > 1 for w in full.values())
+    with pytest.raises(ValueError, match="sqrt"):
+        cfg.replace(class_weights="inverse")
+
+
 def test_confusion_and_balanced_accuracy():
     true = torch.tensor([0, 0, 0, 1, 1, 2])
     pred = torch.tensor([0, 0, 1, 1, 0, 2])

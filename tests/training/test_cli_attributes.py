@@ -75,6 +75,10 @@ def test_clear_errors(tmp_path):
     assert bad.exit_code == 1 and "x.pth" in bad.output
     size = invoke("train-attributes", "--data-root", tmp_path, "--input-size", "256by128")
     assert size.exit_code != 0 and "HEIGHTxWIDTH" in size.output
+    steps = invoke("train-attributes", "--data-root", tmp_path, "--lr-steps", "8,twelve")
+    assert steps.exit_code != 0 and "8,12" in steps.output
+    folder = invoke("train-attributes", "--data-root", tmp_path, "--init-weights", tmp_path)
+    assert folder.exit_code == 1 and "re-ID bundle folder" in folder.output
 
 
 def test_split_and_data_stats(course_root, tmp_path):
@@ -112,6 +116,31 @@ def test_export_and_predict(attribute_run, course_root, tmp_path):
     for row in rows:
         assert 1 <= int(row["age"]) <= 4 and row["gender"] in ("1", "2")
         assert sum(row[c] == "2" for c in CSV_COLUMNS if c.startswith("up") and c != "up") <= 1
+
+
+def test_export_with_logit_adjustment(attribute_run, tmp_path):
+    """The bundle's argmax equals plain logits minus tau * log prior, and it records that tau's metrics."""
+    from app.bundle import load_bundle
+
+    saved = json.loads((attribute_run / "val_metrics.json").read_text())["logit_adjustment"]
+    assert [r["tau"] for r in saved["tradeoff"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert (attribute_run / "plots" / "logit_adjustment.png").is_file()
+    for tau in ("0", "0.5"):
+        result = invoke("export", attribute_run, "--store", tmp_path / tau, "--logit-adjust", tau)
+        assert result.exit_code == 0, result.output
+    (plain_manifest, plain), (manifest, adjusted) = (
+        load_bundle(tmp_path / t / "attributes") for t in ("0", "0.5")
+    )
+    row = next(r for r in saved["tradeoff"] if r["tau"] == 0.5)
+    assert manifest.metrics["logit_adjust"] == 0.5 and manifest.metrics["mA"] == row["mA"]
+    assert "logit_adjust" not in plain_manifest.metrics
+    x = torch.randint(0, 256, (6, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        before, after = plain(x), adjusted(x)
+    for name, log_prior in saved["log_priors"].items():
+        torch.testing.assert_close(after[name], before[name] - 0.5 * torch.tensor(log_prior))
+    unmeasured = invoke("export", attribute_run, "--store", tmp_path / "x", "--logit-adjust", "0.3")
+    assert unmeasured.exit_code == 1 and "0.25" in unmeasured.output
 
 
 def test_predict_rejects_a_reid_bundle_and_bad_dirs(attribute_run, tmp_path):

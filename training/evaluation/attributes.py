@@ -172,3 +172,43 @@ def majority_baseline(train_labels: torch.Tensor, val_labels: torch.Tensor) -> d
     evaluator = AttributeEvaluator()
     evaluator.process_predictions(majority.expand_as(val_labels), val_labels)
     return evaluator.evaluate()
+
+
+# Logit adjustment (Menon et al. 2021, post-hoc form): subtracting tau * log(class prior) from a head's
+# logits moves its decisions from the most likely class towards balanced recall. tau = 0 is plain
+# argmax (best accuracy); tau = 1 optimises balanced accuracy for a calibrated model. The shift is a
+# constant per class, so it folds into the head's bias at export and costs nothing at inference.
+LOGIT_ADJUST_TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def log_priors(
+    train_labels: torch.Tensor, groups: Sequence[AttributeGroup] = ATTRIBUTE_GROUPS
+) -> dict[str, torch.Tensor]:
+    """Per group, the log of each class's share of the training images (add-one smoothed)."""
+    priors = {}
+    for j, g in enumerate(groups):
+        counts = torch.bincount(train_labels[:, j], minlength=g.num_classes).double() + 1.0
+        priors[g.name] = (counts / counts.sum()).log().float()
+    return priors
+
+
+def adjust_logits(
+    logits: Mapping[str, torch.Tensor], log_prior: Mapping[str, torch.Tensor], tau: float
+) -> dict[str, torch.Tensor]:
+    """``logits - tau * log_prior`` per group."""
+    return {name: value - tau * log_prior[name].to(value) for name, value in logits.items()}
+
+
+def logit_adjustment_tradeoff(
+    logits: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    log_prior: Mapping[str, torch.Tensor],
+    taus: Sequence[float] = LOGIT_ADJUST_TAUS,
+) -> list[dict[str, float]]:
+    """Validation metrics at each tau: one row per tau, ``{"tau": tau, **scalar metrics}``."""
+    rows = []
+    for tau in taus:
+        evaluator = AttributeEvaluator()
+        evaluator.process(adjust_logits(logits, log_prior, tau), labels)
+        rows.append({"tau": float(tau), **evaluator.evaluate()})
+    return rows

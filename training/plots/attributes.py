@@ -66,3 +66,23 @@ def plot_confusion(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_tradeoff(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path:
+    """Mean accuracy against mA as logit adjustment's tau grows (one labelled point per tau)."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    x, y = [r["mean_accuracy"] for r in rows], [r["mA"] for r in rows]
+    ax.plot(x, y, "o-", color="tab:blue")
+    for r in rows:
+        ax.annotate(f"tau {r['tau']:g}", (r["mean_accuracy"], r["mA"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("mean accuracy (12 groups)")
+    ax.set_ylabel("mA (mean balanced accuracy)")
+    ax.set_title("Logit adjustment: accuracy against balanced accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -2,7 +2,8 @@
 
 Model (``app.nets.attributes.AttributeNet``): a backbone, global average pooling, one head per group
 (Dropout 0.2 + Linear with 2 / 4 / 9 / 10 outputs). Loss: per head, cross-entropy weighted by
-``majority count / class count`` (the report's class weights), summed over the 12 heads
+``majority count / class count`` (the report's class weights; ``sqrt`` takes their square root,
+``none`` drops them), summed over the 12 heads
 (``training.losses.MultiHeadCrossEntropy``). Defaults (the report): Adam lr 1e-4, weight decay 5e-4,
 batch 128, up to 100 epochs, early stopping after 5 epochs without a lower validation loss.
 
@@ -31,8 +32,14 @@ from training.data.market import MarketData, Sample, load_market
 from training.data.split import Split, resolve_split
 from training.data.transforms import BatchAugment, to_model_input
 from training.engine import Batches
-from training.evaluation.attributes import AttributeEvaluator, majority_baseline
+from training.evaluation.attributes import (
+    AttributeEvaluator,
+    log_priors,
+    logit_adjustment_tradeoff,
+    majority_baseline,
+)
 from training.losses import MultiHeadCrossEntropy
+from training.warm_start import is_bundle_dir, warm_start_from_reid
 
 GROUP_NAMES = tuple(g.name for g in ATTRIBUTE_GROUPS)
 
@@ -124,6 +131,18 @@ def load_attribute_data(config: AttributeTrainConfig, run_dir: str | Path) -> At
     )
 
 
+def build_attribute_net(config: AttributeTrainConfig) -> AttributeNet:
+    """The untrained network of ``config``: init weights from a file, or a re-ID bundle's backbone."""
+    net_config = AttributeNetConfig(
+        backbone=config.backbone, input_size=config.input_size, dropout=config.dropout
+    )
+    if is_bundle_dir(config.init_weights):
+        net = AttributeNet(net_config)
+        warm_start_from_reid(net, str(config.init_weights))
+        return net
+    return AttributeNet(net_config, init_weights=config.init_weights)
+
+
 class AttributeTask:
     """Model, batches, loss and validation of an attribute run (the Trainer's Task protocol)."""
 
@@ -142,14 +161,11 @@ class AttributeTask:
         self.data = data
         self.device = torch.device(device)
         self.channels_last = channels_last
-        self.model = model or AttributeNet(
-            AttributeNetConfig(
-                backbone=config.backbone, input_size=config.input_size, dropout=config.dropout
-            ),
-            init_weights=config.init_weights,
-        )
-        if config.class_weights == "majority":
+        self.model = model or build_attribute_net(config)
+        if config.class_weights in ("majority", "sqrt"):
             self.weights = class_weights(data.train_identity_labels())
+            if config.class_weights == "sqrt":
+                self.weights = {k: w.sqrt() for k, w in self.weights.items()}
         else:
             self.weights = {g.name: torch.ones(g.num_classes) for g in ATTRIBUTE_GROUPS}
         self.criterion = MultiHeadCrossEntropy(self.weights).to(self.device)
@@ -185,26 +201,32 @@ class AttributeTask:
         return {name: labels[:, j] for j, name in enumerate(GROUP_NAMES)}
 
     @torch.no_grad()
-    def evaluate(self, *, confusion: bool = False) -> dict[str, Any]:
-        """Validation loss (the training loss, image-weighted mean over batches) and the metrics."""
+    def validation_logits(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits per group for every validation image (on the CPU) and their (N, 12) labels."""
         self.model.eval()
-        evaluator = AttributeEvaluator()
-        total, count = 0.0, 0
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in GROUP_NAMES}
         bs = self.config.eval_batch_size
         for start in range(0, len(self.data.val), bs):
             x = to_model_input(self.data.val_images[start : start + bs], self.device, self.channels_last)
-            labels = self.data.val_labels[start : start + bs].to(self.device)
-            logits = self.model(x)
-            total += float(self.criterion(logits, self.targets(labels))["loss"]) * len(labels)
-            count += len(labels)
-            evaluator.process(logits, labels)
-        return {"val_loss": total / max(count, 1), **evaluator.evaluate(confusion=confusion)}
+            for name, value in self.model(x).items():
+                parts[name].append(value.float().cpu())
+        return {name: torch.cat(values) for name, values in parts.items()}, self.data.val_labels
+
+    @torch.no_grad()
+    def evaluate(self, *, confusion: bool = False) -> dict[str, Any]:
+        """Validation loss (the training loss over the whole validation set) and the metrics."""
+        logits, labels = self.validation_logits()
+        evaluator = AttributeEvaluator()
+        evaluator.process(logits, labels)
+        on_device = {name: value.to(self.device) for name, value in logits.items()}
+        loss = self.criterion(on_device, self.targets(labels.to(self.device)))["loss"]
+        return {"val_loss": float(loss), **evaluator.evaluate(confusion=confusion)}
 
 
 def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate the best checkpoint on validation; write val_metrics.json, plots and report.md."""
     from training.engine import BEST, METRICS_FILE, load_checkpoint
-    from training.plots.attributes import plot_class_balance, plot_confusion
+    from training.plots.attributes import plot_class_balance, plot_confusion, plot_tradeoff
     from training.plots.curves import plot_curves
 
     run_dir = Path(run_dir)
@@ -213,10 +235,13 @@ def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, 
     task.model.to(task.device)
     metrics = task.evaluate(confusion=True)
     baseline = majority_baseline(task.data.train_labels, task.data.val_labels)
+    priors = log_priors(task.data.train_labels)
+    tradeoff = logit_adjustment_tradeoff(*task.validation_logits(), priors)
     result = {
         "best_epoch": best["epoch"],
         "validation": metrics,
         "majority_baseline": baseline,
+        "logit_adjustment": {"log_priors": {k: v.tolist() for k, v in priors.items()}, "tradeoff": tradeoff},
         "class_weights": {k: v.tolist() for k, v in task.weights.items()},
         "images": {"train": len(task.data.train), "val": len(task.data.val)},
         "identities": {"train": len(task.data.split.train_ids), "val": len(task.data.split.val_ids)},
@@ -232,6 +257,7 @@ def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, 
     plot_class_balance(class_counts(identity_labels), plots / "class_balance.png", unit="identities")
     plot_curves(history, plots / "loss.png", ["train_loss", "val_loss"], title="Loss")
     plot_curves(history, plots / "accuracy.png", ["mean_accuracy", "mA", "instance_f1"], title="Validation")
+    plot_tradeoff(tradeoff, plots / "logit_adjustment.png")
     for group in ("age", "upper_colour", "lower_colour"):
         g = next(x for x in ATTRIBUTE_GROUPS if x.name == group)
         plot_confusion(metrics["confusion"][group], g.classes, plots / f"confusion_{group}.png", title=group)
@@ -285,6 +311,18 @@ def attribute_report(
         "mA is the mean over the 12 groups of the balanced accuracy ((TPR + TNR) / 2 for binary groups); "
         "mA_binary is the literature's label-based mA over the 30 binary attributes; see "
         "`training/evaluation/attributes.py` for the exact definitions.",
+        "",
+        "## Logit adjustment (decision rule, chosen at export with `--logit-adjust TAU`)",
+        "",
+        "| tau | mean_accuracy | mA | mA_binary | instance_f1 |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {r['tau']:g} | {r['mean_accuracy']:.4f} | {r['mA']:.4f} | {r['mA_binary']:.4f} "
+            f"| {r['instance_f1']:.4f} |"
+            for r in result["logit_adjustment"]["tradeoff"]
+        ),
+        "",
+        "![logit adjustment](plots/logit_adjustment.png)",
         "",
         "## Plots",
         "",
