@@ -245,6 +245,46 @@ def train_attributes(
     typer.echo(f"report: {run_dir / 'report.md'}\nexport: reid-train export {run_dir}")
 
 
+@app.command("evaluate-attributes")
+def evaluate_attributes(
+    run_dir: Annotated[Path, typer.Argument(help="An attribute run directory (with best.pt).")],
+    data_root: DataRoot = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache folder.")] = None,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: one per core).")] = 0,
+) -> None:
+    """Re-evaluate a run's best checkpoint on its validation split: rewrites val_metrics.json (with the
+    logit-adjustment trade-off), the plots and report.md, as at the end of training."""
+    from training.config import AttributeTrainConfig
+    from training.engine import CONFIG_FILE, keep_freed_memory
+    from training.tasks.attributes import AttributeTask, finish_attribute_run, load_attribute_data
+
+    keep_freed_memory()
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        config = AttributeTrainConfig.load(run_dir / CONFIG_FILE)
+        overrides = {"data_root": str(data_root)} if data_root else {}
+        if cache_dir:
+            overrides["cache_dir"] = str(cache_dir)
+        config = config.replace(progress=False, **overrides)
+        data = load_attribute_data(config, run_dir)
+        # The weights come from best.pt, so the network starts empty (no init download or bundle).
+        task = AttributeTask(config.replace(init_weights=None), data)
+        final = finish_attribute_run(task, run_dir)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    val = final["validation"]
+    typer.echo(f"epoch {final['best_epoch']}: mean accuracy {val['mean_accuracy']:.4f}, mA {val['mA']:.4f}")
+    for row in final["logit_adjustment"]["tradeoff"]:
+        typer.echo(
+            f"  logit adjustment tau {row['tau']:g}: "
+            f"mean accuracy {row['mean_accuracy']:.4f}, mA {row['mA']:.4f}"
+        )
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
 @app.command()
 def split(
     out: Annotated[Path, typer.Option(help="Split JSON to write.")],

@@ -143,6 +143,22 @@ def test_export_with_logit_adjustment(attribute_run, tmp_path):
     assert unmeasured.exit_code == 1 and "0.25" in unmeasured.output
 
 
+def test_evaluate_attributes_rewrites_the_run_report(attribute_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(attribute_run, run)
+    before = json.loads((run / "val_metrics.json").read_text())
+    (run / "val_metrics.json").unlink()
+    (run / "report.md").unlink()
+    result = invoke("evaluate-attributes", run)
+    assert result.exit_code == 0, result.output
+    after = json.loads((run / "val_metrics.json").read_text())
+    assert after["validation"]["mA"] == pytest.approx(before["validation"]["mA"])
+    assert len(after["logit_adjustment"]["tradeoff"]) == 5 and "tau 0.5" in result.output
+    assert "Logit adjustment" in (run / "report.md").read_text()
+    missing = invoke("evaluate-attributes", tmp_path / "nowhere")
+    assert missing.exit_code == 1 and "nowhere" in missing.output
+
+
 def test_predict_rejects_a_reid_bundle_and_bad_dirs(attribute_run, tmp_path):
     result = invoke(
         "predict-attributes", "--bundle", tmp_path, "--images", tmp_path, "--out", tmp_path / "x.csv"
