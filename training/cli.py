@@ -256,7 +256,12 @@ def evaluate_attributes(
     logit-adjustment trade-off), the plots and report.md, as at the end of training."""
     from training.config import AttributeTrainConfig
     from training.engine import CONFIG_FILE, keep_freed_memory
-    from training.tasks.attributes import AttributeTask, finish_attribute_run, load_attribute_data
+    from training.tasks.attributes import (
+        AttributeTask,
+        build_attribute_net,
+        finish_attribute_run,
+        load_attribute_data,
+    )
 
     keep_freed_memory()
     if threads > 0:
@@ -271,7 +276,8 @@ def evaluate_attributes(
         config = config.replace(progress=False, **overrides)
         data = load_attribute_data(config, run_dir)
         # The weights come from best.pt, so the network starts empty (no init download or bundle).
-        task = AttributeTask(config.replace(init_weights=None), data)
+        empty = build_attribute_net(config.replace(init_weights=None))
+        task = AttributeTask(config, data, model=empty)
         final = finish_attribute_run(task, run_dir)
     except user_errors() as exc:
         raise fail(str(exc)) from None

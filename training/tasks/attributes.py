@@ -281,7 +281,8 @@ def attribute_report(
         f"fingerprint `{config.data_fingerprint[:12]}`): "
         f"{result['identities']['train']} / {result['identities']['val']} identities, "
         f"{result['images']['train']} / {result['images']['val']} images (train / validation)",
-        f"- {len(history)} epochs, best epoch {result['best_epoch']} (lowest `{config.monitor}`); "
+        f"- {len(history)} epochs, best epoch {result['best_epoch']} "
+        f"(by `{config.monitor}`, {config.monitor_mode}); "
         f"{sum(seconds) / max(len(seconds), 1):.0f} s per epoch, "
         f"{sum(speed) / max(len(speed), 1):.0f} training images/s",
         "",
