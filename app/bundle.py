@@ -59,7 +59,10 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_fingerprint: str = ""
     training_config: dict[str, Any] = Field(default_factory=dict)
-    command: str = ""
+    command: str = ""  # the export command
+    training_commands: list[str] = Field(
+        default_factory=list, description="command lines that trained the run: its start, then any resumes"
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     weights_file: str = WEIGHTS
     weights_dtype: Literal["float32", "float16"] = "float32"

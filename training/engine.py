@@ -47,6 +47,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ from tqdm import tqdm
 from training.config import TrainConfig
 
 CONFIG_FILE = "config.json"
+COMMANDS_FILE = "commands.txt"  # one line per start or resume: the command line that ran
 METRICS_FILE = "metrics.json"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -205,6 +208,13 @@ class LrSchedule:
         return factor
 
 
+def record_command(run_dir: Path) -> None:
+    """Append this process's command line to the run's commands.txt (bundles record it)."""
+    line = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    with (run_dir / COMMANDS_FILE).open("a") as fh:
+        fh.write(line + "\n")
+
+
 class Trainer:
     """Runs a Task for ``config.epochs`` epochs into ``run_dir``; see the module docstring."""
 
@@ -264,6 +274,7 @@ class Trainer:
             bad_epochs, stopped, history = ckpt["bad_epochs"], ckpt["stopped"], ckpt["history"]
             set_rng_state(ckpt["rng"])
         cfg.save(self.run_dir / CONFIG_FILE)
+        record_command(self.run_dir)
 
         for epoch in range(start, cfg.epochs + 1):
             if stopped:

@@ -25,7 +25,7 @@ import torch
 
 from app.bundle import Manifest, build_network, load_bundle, save_bundle
 from app.schema import schema_as_dict
-from training.engine import BEST, load_checkpoint
+from training.engine import BEST, COMMANDS_FILE, load_checkpoint
 
 DEFAULT_STORE = "models_store"
 
@@ -71,6 +71,11 @@ MANIFEST_FIELDS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "attributes": _attribute_fields,
     "reid": _reid_fields,
 }
+
+
+def _training_commands(run_dir: Path) -> list[str]:
+    path = run_dir / COMMANDS_FILE
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class ExportError(RuntimeError):
@@ -124,6 +129,7 @@ def export_run(
         data_fingerprint=config.get("data_fingerprint", ""),
         training_config=config,
         command=command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        training_commands=_training_commands(run_dir),
         **fields,
     )
     save_bundle(directory, model, manifest, half=half)

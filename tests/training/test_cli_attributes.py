@@ -54,6 +54,7 @@ def test_resume_continues_and_refuses_changes(attribute_run, tmp_path):
     assert result.exit_code == 0, result.output
     history = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert len((run / "commands.txt").read_text().splitlines()) == 2  # the start, then this resume
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     refused = invoke("train-attributes", "--resume", "--run-dir", run, "--lr", "0.1")
     assert refused.exit_code == 1 and "cannot change: lr" in refused.output

@@ -44,6 +44,8 @@ def test_round_trip_identical(attribute_run, tmp_path):
     assert manifest.training_config["backbone"] == "osnet_x0_25"
     assert {"mean_accuracy", "mA", "instance_f1", "best_epoch", "majority_baseline"} <= set(manifest.metrics)
     assert manifest.command == "test" and len(manifest.weights_sha256) == 64
+    recorded = (attribute_run / "commands.txt").read_text().splitlines()
+    assert len(recorded) == 1 and manifest.training_commands == recorded
 
 
 def test_fp16_within_tolerance(attribute_run, tmp_path):
