@@ -1,8 +1,9 @@
 """Start an attribute network from a trained re-ID bundle's backbone.
 
-Measured on the committed split (docs/models.md): a linear probe on the frozen embedding of the shipped
-re-ID bundle predicts the 12 attribute groups better (mean accuracy 0.823) than a probe on ImageNet
-MobileNetV2 features (0.756) or on the MSMT17 OSNet (0.786). Identity features already encode clothing,
+Measured on the committed split (docs/models.md, ``benchmarks/attribute_probe.py``): a linear probe on
+the frozen embedding of the 128x64 re-ID bundle (``models_store/reid-128x64``) predicts the 12 attribute
+groups better (mean accuracy 0.823) than a probe on ImageNet MobileNetV2 features (0.756) or on the
+MSMT17 OSNet (0.786). Identity features already encode clothing,
 carried objects and gender, so an attribute run fine-tunes from them.
 
 The re-ID network (``app.nets.reid.ReIDNet``) and the attribute network share the backbone's trunk
