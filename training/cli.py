@@ -85,8 +85,10 @@ def resolve_init_weights(value: str | None, *, bundles: bool = False) -> str | N
         return None
     if value.lower() == "imagenet":
         return "imagenet"
+    from training.warm_start import is_bundle_dir
+
     path = Path(value)
-    if bundles and (path / "manifest.json").is_file():
+    if bundles and is_bundle_dir(path):
         return str(path.resolve())
     if not path.is_file():
         kinds = "a state-dict file, a re-ID bundle folder" if bundles else "a state-dict file"

@@ -212,10 +212,15 @@ class AttributeTask:
                 parts[name].append(value.float().cpu())
         return {name: torch.cat(values) for name, values in parts.items()}, self.data.val_labels
 
-    @torch.no_grad()
     def evaluate(self, *, confusion: bool = False) -> dict[str, Any]:
         """Validation loss (the training loss over the whole validation set) and the metrics."""
-        logits, labels = self.validation_logits()
+        return self.score(*self.validation_logits(), confusion=confusion)
+
+    @torch.no_grad()
+    def score(
+        self, logits: dict[str, torch.Tensor], labels: torch.Tensor, *, confusion: bool = False
+    ) -> dict[str, Any]:
+        """Loss and metrics of already computed validation logits."""
         evaluator = AttributeEvaluator()
         evaluator.process(logits, labels)
         on_device = {name: value.to(self.device) for name, value in logits.items()}
@@ -233,10 +238,11 @@ def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, 
     best = load_checkpoint(run_dir / BEST)
     task.model.load_state_dict(best["model"])
     task.model.to(task.device)
-    metrics = task.evaluate(confusion=True)
+    logits, labels = task.validation_logits()  # one pass serves the metrics and the trade-off
+    metrics = task.score(logits, labels, confusion=True)
     baseline = majority_baseline(task.data.train_labels, task.data.val_labels)
     priors = log_priors(task.data.train_labels)
-    tradeoff = logit_adjustment_tradeoff(*task.validation_logits(), priors)
+    tradeoff = logit_adjustment_tradeoff(logits, labels, priors)
     result = {
         "best_epoch": best["epoch"],
         "validation": metrics,
