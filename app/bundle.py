@@ -1,8 +1,9 @@
-"""Model bundles: a directory with ``manifest.json`` and ``weights.safetensors``.
+"""Model bundles: a directory with ``manifest.json``, ``weights.safetensors`` and ``model.onnx``.
 
 Training writes them (``training/export.py``); the service loads them. The manifest alone is enough to
-rebuild the network (nanoGPT's 'model_args' next to the weights), and the weights' sha256 is checked
-before anything is loaded.
+rebuild the network (nanoGPT's 'model_args' next to the weights), and every file's sha256 is checked
+before it is used. This module reads manifests and checks files without torch, so the service can run
+a bundle's ONNX graph on a machine that has no torch; ``app.nets.bundles`` is the torch side.
 """
 
 from __future__ import annotations
@@ -13,17 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, Field, ValidationError
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from app.nets.attributes import AttributeNet, AttributeNetConfig
-from app.nets.reid import ReIDNet, ReIDNetConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+ONNX_GRAPH = "model.onnx"
+ONNX_INPUT = "images"  # uint8 (batch, 3, height, width), RGB; the graph normalises inside
 
 Task = Literal["attributes", "reid"]
 
@@ -38,6 +35,21 @@ class EmbeddingSpec(BaseModel):
     dim: int
     normalized: bool = True
     distance: Literal["cosine"] = "cosine"
+
+
+class OnnxGraph(BaseModel):
+    """The network as an ONNX graph: dynamic batch, uint8 input, checked against torch at export."""
+
+    file: str = ONNX_GRAPH
+    sha256: str
+    opset: int
+    input: str = ONNX_INPUT
+    outputs: list[str] = Field(
+        description="in order: the attribute groups' logits, or the re-ID bundle's one 'embedding'"
+    )
+    max_abs_diff: float = Field(description="largest |onnx - torch| over the outputs on the check batch")
+    check_batch: int = Field(description="crops in the fixed batch the check ran on")
+    exporter: str = ""
 
 
 class Manifest(BaseModel):
@@ -67,6 +79,7 @@ class Manifest(BaseModel):
     weights_file: str = WEIGHTS
     weights_dtype: Literal["float32", "float16"] = "float32"
     weights_sha256: str = ""
+    onnx: OnnxGraph | None = None
 
     @property
     def version(self) -> str:
@@ -74,42 +87,13 @@ class Manifest(BaseModel):
         return self.weights_sha256[:12]
 
 
-def build_network(task: Task, architecture: dict[str, Any]) -> nn.Module:
-    """Rebuild an untrained network of the manifest's architecture."""
-    if task == "attributes":
-        return AttributeNet(AttributeNetConfig.from_dict(architecture))
-    return ReIDNet(ReIDNetConfig.from_dict(architecture))
-
-
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def save_bundle(
-    directory: str | Path, model: nn.Module, manifest: Manifest, *, half: bool = False
-) -> Manifest:
-    """Write weights (optionally fp16) and the manifest with their checksum; return the manifest."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if half else torch.float32
-    state = {
-        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-        for k, v in model.state_dict().items()
-    }
-    weights = directory / manifest.weights_file
-    save_file(state, str(weights))
-    manifest = manifest.model_copy(
-        update={
-            "weights_sha256": _sha256(weights),
-            "weights_dtype": "float16" if half else "float32",
-        }
-    )
-    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-    return manifest
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -128,19 +112,21 @@ def read_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def load_bundle(directory: str | Path, *, device: str = "cpu") -> tuple[Manifest, nn.Module]:
-    """Validate manifest and checksum, rebuild the network, load weights; returns it in eval mode."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    weights = directory / Path(manifest.weights_file).name  # never a path outside the bundle
-    if not weights.is_file():
-        raise BundleError(f"{weights}: weights file missing")
-    if _sha256(weights) != manifest.weights_sha256:
-        raise BundleError(f"{weights}: sha256 does not match the manifest (corrupt or replaced)")
-    model = build_network(manifest.task, manifest.architecture)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{weights}: weights do not fit the manifest's architecture: {exc}") from None
-    return manifest, model.to(device).eval()
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically (a crash leaves the old one or the new one)."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+
+
+def verified_bytes(directory: str | Path, file: str, sha256: str, what: str) -> bytes:
+    """A bundle file's bytes after checking them against the manifest's sha256 (read once, so the
+    bytes checked are the bytes used)."""
+    path = Path(directory) / Path(file).name  # never a path outside the bundle
+    if not path.is_file():
+        raise BundleError(f"{path}: {what} file missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BundleError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
+    return data

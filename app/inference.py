@@ -1,7 +1,8 @@
 """Decoded crops -> attribute predictions / re-ID embeddings, in batches.
 
 Everything here is synchronous and CPU-bound; the API calls it from worker threads, never on the event
-loop. A request's crops go through the network in batches of ``batch_size``.
+loop. A request's crops go through the network in batches of ``batch_size``, on the runtime that
+``app.runtimes`` chose for the bundle (ONNX Runtime, or torch).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
-from app.bundle import BundleError, Manifest, load_bundle, read_manifest
-from app.preprocess import image_to_tensor
+from app.bundle import BundleError, Manifest, read_manifest
+from app.preprocess import images_to_batch
+from app.runtimes import Runtime, RuntimeName, open_runtime
 from app.schema import schema_as_dict
 
 # (task, seconds, crops) after each forward pass; the app points this at its Prometheus metrics.
@@ -41,8 +41,12 @@ Attributes = dict[str, AttributeValue]
 
 def _batches(images: Sequence[Image.Image], size: tuple[int, int], batch: int):
     for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        yield torch.stack([image_to_tensor(img, size) for img in chunk])
+        yield images_to_batch(list(images[start : start + batch]), size)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 class _Model:
@@ -51,16 +55,19 @@ class _Model:
     def __init__(
         self,
         manifest: Manifest,
-        net: nn.Module,
+        runtime: Runtime,
         *,
         batch_size: int = 8,
         observer: InferenceObserver | None = None,
     ) -> None:
         self.manifest = manifest
-        self.net = net.eval()
-        self.device = next(net.parameters()).device
+        self.runtime = runtime
         self.batch_size = batch_size
         self.observer = observer
+        self._check_outputs(self._forward(np.zeros((1, 3, *self.input_size), np.uint8), observe=False))
+
+    def _check_outputs(self, outputs: list[np.ndarray]) -> None:
+        """Refuse a network whose outputs do not fit the manifest (runs once, at load; warms it up)."""
 
     @property
     def name(self) -> str:
@@ -74,13 +81,10 @@ class _Model:
     def input_size(self) -> tuple[int, int]:
         return tuple(self.manifest.input_size)  # type: ignore[return-value]
 
-    def _forward(self, batch: torch.Tensor):
+    def _forward(self, batch: np.ndarray, *, observe: bool = True) -> list[np.ndarray]:
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.net(batch.to(self.device))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if self.observer is not None:
+        out = self.runtime.run(batch)
+        if observe and self.observer is not None:
             self.observer(self.task, time.perf_counter() - start, batch.shape[0])
         return out
 
@@ -94,6 +98,8 @@ class _Model:
             "input_size": list(m.input_size),
             "created_at": m.created_at,
             "weights_sha256": m.weights_sha256,
+            "runtime": self.runtime.name,
+            "onnx_sha256": m.onnx.sha256 if m.onnx else None,
             "metrics": m.metrics,
         }
 
@@ -103,25 +109,32 @@ class AttributeModel(_Model):
 
     task = "attributes"
 
-    def __init__(self, manifest: Manifest, net: nn.Module, **kwargs) -> None:
-        super().__init__(manifest, net, **kwargs)
+    def __init__(self, manifest: Manifest, runtime: Runtime, **kwargs) -> None:
         schema = manifest.attribute_schema or schema_as_dict()
         self.groups: dict[str, tuple[str, ...]] = {g["name"]: tuple(g["classes"]) for g in schema}
-        heads = {name: head[-1].out_features for name, head in net.heads.items()}
-        if heads != {name: len(classes) for name, classes in self.groups.items()}:
-            raise BundleError(f"{manifest.name}: attribute schema does not match the network's heads")
+        super().__init__(manifest, runtime, **kwargs)
+
+    def _check_outputs(self, outputs: list[np.ndarray]) -> None:
+        heads = [o.shape[-1] for o in outputs]
+        if heads != [len(classes) for classes in self.groups.values()]:
+            raise BundleError(
+                f"{self.manifest.name}: attribute schema ({len(self.groups)} groups) does not match the "
+                f"network's heads (class counts {heads})"
+            )
 
     def predict(self, images: Sequence[Image.Image]) -> list[Attributes]:
         results: list[Attributes] = []
+        groups = list(self.groups.items())
         for batch in _batches(images, self.input_size, self.batch_size):
-            logits = self._forward(batch)
-            probs = {name: torch.softmax(logits[name].float(), dim=1).cpu() for name in self.groups}
+            probs = [_softmax(logits.astype(np.float32, copy=False)) for logits in self._forward(batch)]
+            best = [(p.argmax(axis=1), p.max(axis=1)) for p in probs]
             for i in range(batch.shape[0]):
-                crop: Attributes = {}
-                for name, classes in self.groups.items():
-                    p, k = probs[name][i].max(dim=0)
-                    crop[name] = AttributeValue(classes[int(k)], round(float(p), 6))
-                results.append(crop)
+                results.append(
+                    {
+                        name: AttributeValue(classes[int(k[i])], round(float(p[i]), 6))
+                        for (name, classes), (k, p) in zip(groups, best, strict=True)
+                    }
+                )
         return results
 
 
@@ -139,11 +152,19 @@ class ReIDModel(_Model):
     def match_threshold(self) -> float | None:
         return self.manifest.match_threshold
 
+    def _check_outputs(self, outputs: list[np.ndarray]) -> None:
+        if len(outputs) != 1 or outputs[0].shape[-1] != self.dim:
+            shapes = [o.shape[1:] for o in outputs]
+            raise BundleError(
+                f"{self.manifest.name}: the manifest's embedding.dim is {self.dim}; the network "
+                f"outputs {shapes}"
+            )
+
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         row = 0
         for batch in _batches(images, self.input_size, self.batch_size):
-            emb = self._forward(batch).float().cpu().numpy()
+            (emb,) = self._forward(batch)
             out[row : row + emb.shape[0]] = emb
             row += emb.shape[0]
         return out
@@ -167,12 +188,20 @@ class Models:
         *,
         batch_size: int = 8,
         device: str = "cpu",
+        runtime: RuntimeName | None = None,
+        threads: int = 1,
         observer: InferenceObserver | None = None,
     ) -> Models:
+        """Load both bundles; ``runtime`` None picks per bundle (see ``app.runtimes``)."""
+        load = {"requested": runtime, "device": device, "threads": threads}
         options = {"batch_size": batch_size, "observer": observer}
-        attributes = AttributeModel(*_load(attribute_dir, "attributes", device), **options)
-        reid = ReIDModel(*_load(reid_dir, "reid", device), **options)
+        attributes = AttributeModel(*_load(Path(attribute_dir), "attributes", **load), **options)
+        reid = ReIDModel(*_load(Path(reid_dir), "reid", **load), **options)
         return cls(attributes, reid)
+
+    @property
+    def runtimes(self) -> set[str]:
+        return {self.attributes.runtime.name, self.reid.runtime.name}
 
 
 def check_bundle(directory: str | Path, task: str) -> Manifest:
@@ -188,6 +217,6 @@ def check_bundle(directory: str | Path, task: str) -> Manifest:
     return manifest
 
 
-def _load(directory: str | Path, task: str, device: str) -> tuple[Manifest, nn.Module]:
-    check_bundle(directory, task)
-    return load_bundle(directory, device=device)
+def _load(directory: Path, task: str, **options) -> tuple[Manifest, Runtime]:
+    manifest = check_bundle(directory, task)
+    return manifest, open_runtime(directory, manifest, **options)

@@ -10,11 +10,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
-import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +29,7 @@ from app.gallery.gallery import Gallery
 from app.gallery.store import open_engine
 from app.inference import Models, check_bundle
 from app.metrics import ServiceMetrics
+from app.runtimes import TORCH_MISSING, choose_runtime, torch_available, verify_files
 from app.security import key_digests
 from app.settings import Settings
 
@@ -53,15 +53,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     if not settings.api_keys:
         log.warning("REID_API_KEYS is not set: the API is open to anyone who can reach it")
-    # torch's thread count is process-wide: set it for the service's life and restore it after
-    # (tests run several apps in one process). FAISS's is set per call (see GalleryIndex).
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.resolved_torch_threads())
+    async with _open_service(app, settings):
+        yield
+
+
+@contextmanager
+def _torch_threads(settings: Settings, models: Models) -> Iterator[None]:
+    """torch's thread count is process-wide: set it for the service's life and restore it after (tests
+    run several apps in one process). ONNX Runtime's is per session, FAISS's per call (GalleryIndex)."""
+    if "torch" not in models.runtimes:
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(settings.resolved_threads())
     try:
-        async with _open_service(app, settings):
-            yield
+        yield
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved)
 
 
 @asynccontextmanager
@@ -73,8 +83,11 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
         settings.reid_bundle_dir,
         batch_size=settings.batch_size,
         device=settings.device,
+        runtime=settings.runtime,
+        threads=settings.resolved_threads(),
         observer=metrics.observe_inference,
     )
+    metrics.describe_models(models)
     gallery = await run_in_threadpool(
         Gallery.open, settings.database, models, metrics=metrics, search_threads=settings.faiss_threads
     )
@@ -83,16 +96,19 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
     app.state.gallery = gallery
     metrics.track_gallery(lambda: len(gallery.index))
     log.info(
-        "ready: attributes %s (%s), re-ID %s (%s), %d searchable entries, %d torch threads",
+        "ready: attributes %s (%s) on %s, re-ID %s (%s) on %s, %d searchable entries, %d threads per model",
         models.attributes.name,
         models.attributes.version,
+        models.attributes.runtime.name,
         models.reid.name,
         models.reid.version,
+        models.reid.runtime.name,
         len(gallery.index),
-        torch.get_num_threads(),
+        settings.resolved_threads(),
     )
     try:
-        yield
+        with _torch_threads(settings, models):
+            yield
     finally:
         app.state.models = None
         app.state.gallery = None
@@ -226,16 +242,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def preflight(settings: Settings) -> str | None:
     """A one-line reason the service cannot start (bundles, database), or None."""
+    runtimes: set[str] = set()
     for directory, task in (
         (settings.attribute_bundle_dir, "attributes"),
         (settings.reid_bundle_dir, "reid"),
     ):
         try:
-            check_bundle(directory, task)
+            manifest = check_bundle(directory, task)
+            runtime = choose_runtime(manifest, settings.runtime, settings.device)
+            if runtime == "torch" and not torch_available():
+                return f"the {task} bundle at {directory} {TORCH_MISSING}"
+            verify_files(directory, manifest, runtime)
         except BundleError as exc:
             return f"{exc}; {BUNDLE_HELP}"
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        return f"REID_DEVICE is {settings.device} but torch sees no CUDA device; use REID_DEVICE=cpu"
+        runtimes.add(runtime)
+    if "torch" in runtimes and settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"REID_DEVICE is {settings.device} but torch sees no CUDA device; use REID_DEVICE=cpu"
     try:
         where = make_url(settings.database).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from app.inference import Models
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -51,6 +55,17 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.model_info = Gauge(
+            "reid_model_info",
+            "The loaded bundles (value 1): task, name, version and the runtime that runs them.",
+            ["task", "name", "version", "runtime"],
+            registry=self.registry,
+        )
+
+    def describe_models(self, models: Models) -> None:
+        for model in (models.attributes, models.reid):
+            self.model_info.labels(model.task, model.name, model.version, model.runtime.name).set(1)
 
     def observe_inference(self, task: str, seconds: float, crops: int) -> None:
         self.inference.labels(task).observe(seconds)

@@ -1,4 +1,7 @@
-"""Image decoding and resizing shared by training's cache and the service, so both see the same pixels."""
+"""Image decoding and resizing shared by training's cache and the service, so both see the same pixels.
+
+NumPy and Pillow only: the service runs without torch; training wraps the arrays with ``torch.from_numpy``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -44,18 +46,26 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     return image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to (height, width) with bilinear filtering; returns a uint8 (3, H, W) tensor."""
+def image_to_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (height, width) with bilinear filtering; returns a uint8 (3, H, W) array."""
     height, width = size
     resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def load_image_file(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+def images_to_batch(images: list[Image.Image], size: tuple[int, int]) -> np.ndarray:
+    """Stack resized crops into the networks' input: uint8 (N, 3, H, W), RGB."""
+    batch = np.empty((len(images), 3, *size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = image_to_array(image, size)
+    return batch
+
+
+def load_image_file(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Read, decode and resize one image file; errors name the file."""
     path = Path(path)
     try:
         image = decode_image(path.read_bytes())
     except (OSError, ImageError) as exc:
         raise ImageError(f"{path}: {exc}") from None
-    return image_to_tensor(image, size)
+    return image_to_array(image, size)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SQLITE_FILE = "gallery.sqlite3"
@@ -18,7 +18,7 @@ SQLITE_FILE = "gallery.sqlite3"
 class Settings(BaseSettings):
     """Everything the service reads from its environment."""
 
-    model_config = SettingsConfigDict(env_prefix="REID_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="ignore", populate_by_name=True)
 
     # Models
     models_dir: Path = Field(
@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=1000, gt=0, le=10_000)
 
     # Inference
+    runtime: Literal["onnx", "torch"] | None = Field(
+        default=None,
+        description="What runs the networks: 'onnx' (ONNX Runtime, the bundle's verified graph) or "
+        "'torch'; unset: ONNX Runtime for bundles with a graph on the CPU, else torch.",
+    )
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the models run: cpu, cuda, cuda:N."
     )
@@ -70,11 +75,13 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         default=2, gt=0, description="Requests running inference at the same time (threads)."
     )
-    torch_threads: int = Field(
+    intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="torch intra-op threads; 0 = CPU cores // inference_workers (at least 1), so "
-        "concurrent requests do not oversubscribe the cores.",
+        validation_alias=AliasChoices("intra_op_threads", "REID_INTRA_OP_THREADS", "REID_TORCH_THREADS"),
+        description="Threads per forward pass (ONNX Runtime's intra-op pool, or torch's); 0 = CPU cores "
+        "// inference_workers (at least 1), so concurrent requests do not oversubscribe the cores. "
+        "REID_TORCH_THREADS is the old name.",
     )
     faiss_threads: int = Field(
         default=1,
@@ -119,9 +126,10 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{self.data_dir / SQLITE_FILE}"
 
-    def resolved_torch_threads(self) -> int:
-        if self.torch_threads:
-            return self.torch_threads
+    def resolved_threads(self) -> int:
+        """Intra-op threads per model (the setting, or cores // inference_workers)."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // self.inference_workers)
 
     def key_bytes(self) -> list[bytes]:

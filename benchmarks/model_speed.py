@@ -24,8 +24,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.bundle import build_network, load_bundle  # noqa: E402
 from app.nets.attributes import AttributeNetConfig  # noqa: E402
+from app.nets.bundles import build_network, load_bundle  # noqa: E402
 from app.nets.reid import ReIDNetConfig  # noqa: E402
 
 BASELINE = "reid:resnet50:256x128"

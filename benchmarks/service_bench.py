@@ -46,11 +46,12 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.bundle import EmbeddingSpec, Manifest, read_manifest, save_bundle  # noqa: E402
+from app.bundle import EmbeddingSpec, Manifest, read_manifest  # noqa: E402
 from app.gallery import store  # noqa: E402
 from app.gallery.index import GalleryIndex  # noqa: E402
 from app.inference import Models  # noqa: E402
 from app.nets.attributes import AttributeNet, AttributeNetConfig  # noqa: E402
+from app.nets.bundles import save_bundle  # noqa: E402
 from app.nets.reid import ReIDNet, ReIDNetConfig  # noqa: E402
 from app.preprocess import decode_image  # noqa: E402
 from app.schema import schema_as_dict  # noqa: E402
@@ -298,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     reid_manifest = read_manifest(reid_dir)
     attr_manifest = read_manifest(attribute_dir)
     dim = reid_manifest.embedding.dim
-    settings = Settings(torch_threads=args.threads or 0)
-    threads = settings.resolved_torch_threads()
+    settings = Settings(intra_op_threads=args.threads or 0)
+    threads = settings.resolved_threads()
     torch.set_num_threads(threads)
     url = f"sqlite:///{workdir / 'data' / 'gallery.sqlite3'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REID_")} | {

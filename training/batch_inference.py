@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from app.bundle import BundleError, Manifest, Task, load_bundle
+from app.bundle import BundleError, Manifest, Task
+from app.nets.bundles import load_bundle
 from app.preprocess import load_image_file
 from training.data.transforms import to_model_input
 from training.engine import keep_freed_memory, resolve_device
@@ -72,12 +74,12 @@ def model_inputs(
         torch.inference_mode(),
     ):
 
-        def decode(batch: list[Path]) -> list[Future[torch.Tensor]]:
+        def decode(batch: list[Path]) -> list[Future[np.ndarray]]:
             return [pool.submit(load_image_file, p, size) for p in batch]
 
         pending = decode(batches[0]) if batches else []
         for k, batch in enumerate(batches):
-            images = torch.stack([f.result() for f in pending])
+            images = torch.stack([torch.from_numpy(f.result()) for f in pending])
             pending = decode(batches[k + 1]) if k + 1 < len(batches) else []
             yield model, batch, to_model_input(images, target, True)
             bar.update(len(batch))

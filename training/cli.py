@@ -1,6 +1,7 @@
 """``reid-train``: train, evaluate, export and apply the models from the command line.
 
-Commands: ``train-attributes``, ``split``, ``data-stats``, ``export``, ``predict-attributes``; the re-ID
+Commands: ``train-attributes``, ``split``, ``data-stats``, ``export``, ``add-onnx``,
+``predict-attributes``; the re-ID
 task registers its own commands (see the marked spot at the end of this file). Every data option reads
 ``--data-root`` or the environment variable ``REID_DATA_ROOT``; nothing points at a fixed location.
 """
@@ -46,10 +47,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from training.data.market import DataError
     from training.engine import RunExistsError
     from training.export import ExportError
+    from training.onnx_export import OnnxExportError
 
     return (
         BundleError, WeightsUnavailableError, ImageError, DataError, RunExistsError, ExportError,
-        FileNotFoundError, KeyError, ValueError,
+        OnnxExportError, FileNotFoundError, KeyError, ValueError,
     )  # fmt: skip
 
 
@@ -370,7 +372,7 @@ def export(
         ),
     ] = 0.0,
 ) -> None:
-    """Write the run's best checkpoint as a bundle: manifest.json + weights.safetensors."""
+    """Write the run's best checkpoint as a bundle: manifest.json, weights.safetensors, model.onnx."""
     from app.bundle import read_manifest
     from training.export import export_run
 
@@ -382,6 +384,31 @@ def export(
         raise fail(str(exc)) from None
     manifest = read_manifest(directory)
     typer.echo(f"{directory}: {manifest.task} bundle, {manifest.backbone}, version {manifest.version}")
+    if manifest.onnx:
+        typer.echo(f"  ONNX graph {manifest.onnx.file}: max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}")
+
+
+@app.command("add-onnx")
+def add_onnx(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle directories (e.g. models_store/reid).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).", min=17)] = 18,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest |onnx - torch| accepted on the check batch.")
+    ] = 1e-4,
+) -> None:
+    """Add (or replace) the ONNX graph of existing bundles, from their own weights; no retraining."""
+    from training.onnx_export import add_onnx as write_graph
+
+    for bundle in bundles:
+        try:
+            manifest = write_graph(bundle, opset=opset, tolerance=tolerance)
+        except user_errors() as exc:
+            raise fail(str(exc)) from None
+        assert manifest.onnx is not None
+        typer.echo(
+            f"{bundle / manifest.onnx.file}: opset {opset}, outputs {len(manifest.onnx.outputs)}, "
+            f"max |onnx - torch| {manifest.onnx.max_abs_diff:.2g} on {manifest.onnx.check_batch} crops"
+        )
 
 
 @app.command("predict-attributes")

@@ -1,4 +1,5 @@
-"""Run directory -> model bundle (``models_store/<name>/manifest.json`` + ``weights.safetensors``).
+"""Run directory -> model bundle (``models_store/<name>/``: ``manifest.json``, ``weights.safetensors``,
+``model.onnx``).
 
 The bundle is built from the run's ``best.pt`` alone: the task name, the network's architecture, its
 weights, the run config (with the data fingerprint) and the best epoch's metrics. The network is rebuilt
@@ -23,9 +24,11 @@ from typing import Any
 
 import torch
 
-from app.bundle import Manifest, build_network, load_bundle, save_bundle
+from app.bundle import Manifest
+from app.nets.bundles import build_network, load_bundle, save_bundle
 from app.schema import schema_as_dict
 from training.engine import BEST, COMMANDS_FILE, load_checkpoint
+from training.onnx_export import add_onnx
 
 DEFAULT_STORE = "models_store"
 
@@ -133,5 +136,6 @@ def export_run(
         **fields,
     )
     save_bundle(directory, model, manifest, half=half)
-    load_bundle(directory)  # what the service will do: validate the manifest, checksum and weights
+    _, loaded = load_bundle(directory)  # what the torch runtime will do: manifest, checksum, weights
+    add_onnx(directory, net=loaded)  # what ONNX Runtime will run, checked against the weights just saved
     return directory

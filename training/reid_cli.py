@@ -261,7 +261,8 @@ def evaluate_source(
     """Load a run's best model or a bundle, build the evaluation set, evaluate, write outputs."""
     import tempfile
 
-    from app.bundle import MANIFEST, build_network, load_bundle
+    from app.bundle import MANIFEST
+    from app.nets.bundles import build_network, load_bundle
     from training.data.market import load_market
     from training.engine import BEST, CONFIG_FILE, load_checkpoint, resolve_device
     from training.tasks.reid import ReIDTrainConfig, load_reid_data, market_test_set, write_reid_outputs

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from app.bundle import MANIFEST, BundleError, load_bundle
+from app.bundle import MANIFEST, BundleError
 from app.nets.attributes import AttributeNet
+from app.nets.bundles import load_bundle
 
 _PREFIXES = {"trunk.": "trunk.", "branches.avg.stage.": "last_stage."}
 

@@ -2,7 +2,8 @@
 
 The bundles are randomly initialised OSNet-x0.25 networks at 64x32 input whose BatchNorm statistics
 are calibrated on synthetic crops (a few forward passes in train mode, no gradient steps), which
-spreads their embeddings enough that an image's nearest neighbour is itself.
+spreads their embeddings enough that an image's nearest neighbour is itself. They carry an ONNX graph
+unless made with ``onnx=False`` (the torch fallback).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from PIL import Image
 from sqlalchemy import create_engine
 from torch import nn
 
-from app.bundle import EmbeddingSpec, Manifest, save_bundle
+from app.bundle import EmbeddingSpec, Manifest
 from app.gallery.store import drop_schema
 from app.nets.attributes import AttributeNet, AttributeNetConfig
+from app.nets.bundles import save_bundle
 from app.nets.reid import ReIDNet, ReIDNetConfig
-from app.preprocess import image_to_tensor
+from app.preprocess import images_to_batch
 from app.schema import schema_as_dict
 from app.settings import Settings
 from tests.synthetic import SyntheticIdentity, make_identities, render
+from training.onnx_export import add_onnx
 
 SIZE = (64, 32)
 BACKBONE = "osnet_x0_25"
@@ -44,7 +47,7 @@ class Bundles:
 def _calibrate(net: nn.Module, seed: int) -> None:
     rng = np.random.default_rng(seed)
     crops = [render(p, cam, rng, SIZE) for p in make_identities(32, seed=seed + 100) for cam in (1, 2)]
-    batch = torch.stack([image_to_tensor(c, SIZE) for c in crops])
+    batch = torch.from_numpy(images_to_batch(crops, SIZE))
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -55,7 +58,7 @@ def _calibrate(net: nn.Module, seed: int) -> None:
     net.eval()
 
 
-def make_attribute_bundle(directory: Path, *, seed: int = 0) -> Path:
+def make_attribute_bundle(directory: Path, *, seed: int = 0, onnx: bool = True) -> Path:
     torch.manual_seed(seed)
     config = AttributeNetConfig(backbone=BACKBONE, input_size=SIZE)
     net = AttributeNet(config)
@@ -71,10 +74,12 @@ def make_attribute_bundle(directory: Path, *, seed: int = 0) -> Path:
         attribute_schema=schema_as_dict(),
     )
     save_bundle(directory, net, manifest)
+    if onnx:
+        add_onnx(directory, net=net)
     return directory
 
 
-def make_reid_bundle(directory: Path, *, seed: int = 0) -> Path:
+def make_reid_bundle(directory: Path, *, seed: int = 0, onnx: bool = True) -> Path:
     torch.manual_seed(seed)
     config = ReIDNetConfig(backbone=BACKBONE, input_size=SIZE)
     net = ReIDNet(config)
@@ -92,6 +97,8 @@ def make_reid_bundle(directory: Path, *, seed: int = 0) -> Path:
         metrics={"rank1": 0.0, "note": "random weights, for tests"},
     )
     save_bundle(directory, net, manifest)
+    if onnx:
+        add_onnx(directory, net=net)
     return directory
 
 

@@ -17,7 +17,7 @@ def test_decode_once_and_reuse(course_root, tmp_path):
     cache = tmp_path / "cache"
     images = cached_images(paths, (32, 16), cache, progress=False)
     assert images.shape == (10, 3, 32, 16) and images.dtype == torch.uint8
-    assert torch.equal(images[3], load_image_file(paths[3], (32, 16)))
+    assert torch.equal(images[3], torch.from_numpy(load_image_file(paths[3], (32, 16))))
     files = list(cache.glob("*.npy"))
     assert len(files) == 1 and "32x16" in files[0].name
     again = cached_images(paths, (32, 16), cache, progress=False)

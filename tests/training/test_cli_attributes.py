@@ -121,7 +121,7 @@ def test_export_and_predict(attribute_run, course_root, tmp_path):
 
 def test_export_with_logit_adjustment(attribute_run, tmp_path):
     """The bundle's argmax equals plain logits minus tau * log prior, and it records that tau's metrics."""
-    from app.bundle import load_bundle
+    from app.nets.bundles import load_bundle
 
     saved = json.loads((attribute_run / "val_metrics.json").read_text())["logit_adjustment"]
     assert [r["tau"] for r in saved["tradeoff"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -178,7 +178,7 @@ def test_data_stats_on_real_data(shared_data_root, tmp_path):
 def test_fuse_conv_bn_keeps_outputs(attribute_run):
     import torch
 
-    from app.bundle import build_network
+    from app.nets.bundles import build_network
     from training.batch_inference import fuse_conv_bn
     from training.engine import load_checkpoint
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from app.bundle import load_bundle, read_manifest
+from app.bundle import read_manifest
+from app.nets.bundles import load_bundle
 from app.schema import ATTRIBUTE_GROUPS
 from training.engine import BEST, load_checkpoint
 from training.export import ExportError, export_run
@@ -17,7 +18,7 @@ FP16_TOLERANCE = 2e-2  # max |logit difference| of an fp16 bundle, on logits of 
 
 
 def trained_model(run_dir):
-    from app.bundle import build_network
+    from app.nets.bundles import build_network
 
     ckpt = load_checkpoint(run_dir / BEST)
     model = build_network("attributes", ckpt["architecture"])

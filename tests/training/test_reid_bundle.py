@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from app.bundle import load_bundle, read_manifest
+from app.bundle import read_manifest
+from app.nets.bundles import load_bundle
 from app.nets.reid import ReIDNet, ReIDNetConfig
 from training.engine import BEST
 from training.export import export_run

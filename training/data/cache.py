@@ -46,7 +46,7 @@ def decode_images(
     out = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
 
     def load(i: int) -> None:
-        out[i] = load_image_file(paths[i], size)
+        out[i] = torch.from_numpy(load_image_file(paths[i], size))
 
     with (
         ThreadPoolExecutor(max(1, workers)) as pool,
