@@ -9,12 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.schemas import QueryResponse
 from tests.service.helpers import (
     DATABASES,
     MATCH_THRESHOLD,
     crop,
     database_for,
     enroll,
+    files,
     make_settings,
     parse_time,
     query,
@@ -89,6 +91,22 @@ def test_enrollment_stores_what_it_returns(client, people, populated):
     assert parse_time(stored["captured_at"]) == T0 + timedelta(minutes=2)
     for value in stored["attributes"].values():
         assert 0.0 <= value["score"] <= 1.0
+
+
+def test_matches_say_what_the_entries_say_and_keep_the_documented_shape(client, people, populated):
+    """Matches are built from plain SQL rows, not from the entry models: same fields, same values, and
+    a body that validates against the QueryResponse the OpenAPI document declares."""
+    response = client.post(
+        "/reid/query", files=files(crop(people[3], 1), field="image"), data={"top_k": len(populated)}
+    )
+    body = QueryResponse.model_validate(response.json())
+    assert len(body.matches) == len(populated) == body.candidates
+    for match in response.json()["matches"]:
+        stored = client.get(f"/gallery/{match['entry_id']}").json()
+        for key in ("identity", "collection", "camera_id", "track_id", "metadata", "attributes"):
+            assert match[key] == stored[key], key
+        assert parse_time(match["captured_at"]) == parse_time(stored["captured_at"])
+        assert match["captured_at"].endswith("Z")
 
 
 def full_ranking(client, blob: bytes, n: int) -> list[dict]:
