@@ -32,10 +32,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.gallery import store
 from app.gallery.index import GalleryIndex
-from app.gallery.store import Entry, NewEntry, SearchFilters
+from app.gallery.store import NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
-from app.schemas import CollectionStats, EnrolledEntry, GalleryEntry, GalleryStats
+from app.schemas import AttributeValue, CollectionStats, EnrolledEntry, GalleryEntry, GalleryStats
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,28 @@ class EntryFields:
     track_id: str | None = None
     captured_at: datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _created(
+    entry_id: int, collection: str, item: NewEntry, version: str, created_at: datetime
+) -> EnrolledEntry:
+    """The response entry of a row just inserted, from the values inserted (no read back)."""
+    return EnrolledEntry(
+        id=entry_id,
+        collection=collection,
+        identity=item.identity,
+        camera_id=item.camera_id,
+        track_id=item.track_id,
+        captured_at=store.as_utc(store.utc_naive(item.captured_at)),
+        metadata=item.metadata,
+        attributes={k: AttributeValue(value=v, score=sc) for k, (v, sc) in item.attributes.items()},
+        image_sha256=item.image_sha256,
+        model_version=version,
+        searchable=True,
+        created_at=store.as_utc(created_at),
+        index=0,
+        status="created",
+    )
 
 
 class Gallery:
@@ -168,36 +190,28 @@ class Gallery:
                     if d not in computed and (d not in known or known[d].model_version != version)
                 ]
                 computed.update(self._compute(missing, fields))
-                entries: dict[str, tuple[Entry, str]] = {}
-                for digest in first:
-                    entry = known.get(digest)
-                    kwargs = {"model_version": version, "attribute_model_version": attribute_version}
-                    if entry is None:
-                        entry = store.add_entry(
-                            session, collection=collection, item=computed[digest], **kwargs
-                        )
-                        entries[digest] = (entry, "created")
-                    elif entry.model_version != version:
-                        store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
-                        entries[digest] = (entry, "refreshed")
-                    else:
-                        entries[digest] = (entry, "existing")
-                session.flush()
+                kwargs = {"model_version": version, "attribute_model_version": attribute_version}
+                new = [d for d in first if d not in known]
+                ids, created_at = store.add_entries(
+                    session, collection=collection, items=[computed[d] for d in new], **kwargs
+                )
                 results = {
-                    d: EnrolledEntry(
-                        **GalleryEntry.of(e, model_version=version).model_dump(), index=0, status=status
-                    )
-                    for d, (e, status) in entries.items()
+                    d: _created(entry_id, collection, computed[d], version, created_at)
+                    for d, entry_id in zip(new, ids, strict=True)
                 }
+                changed = [(entry_id, computed[d].embedding) for d, entry_id in zip(new, ids, strict=True)]
+                for digest, entry in known.items():
+                    status: Literal["existing", "refreshed"] = "existing"
+                    if entry.model_version != version:
+                        store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
+                        changed.append((entry.id, computed[digest].embedding))
+                        status = "refreshed"
+                    gallery_entry = GalleryEntry.of(entry, model_version=version).model_dump()
+                    results[digest] = EnrolledEntry(**gallery_entry, index=0, status=status)
             # Committed: only now does the index see the new rows.
-            changed = [
-                (e.id, e.collection, computed[d].embedding)
-                for d, (e, s) in entries.items()
-                if s != "existing"
-            ]
             if changed:
-                ids, collections, vectors = zip(*changed, strict=True)
-                self.index.add(np.array(ids), list(collections), np.stack(vectors))
+                entry_ids, vectors = zip(*changed, strict=True)
+                self.index.add(np.array(entry_ids), [collection] * len(entry_ids), np.stack(vectors))
         return results
 
     # -- search -------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     inspect,
     or_,
     select,
@@ -214,25 +215,47 @@ def _attribute_rows(attributes: dict[str, tuple[str, float]]) -> list[EntryAttri
     return [EntryAttribute(attribute=k, value=v, score=s) for k, (v, s) in attributes.items()]
 
 
-def add_entry(
-    session: Session, *, collection: str, item: NewEntry, model_version: str, attribute_model_version: str
-) -> Entry:
-    entry = Entry(
-        collection=collection,
-        identity=item.identity,
-        camera_id=item.camera_id,
-        track_id=item.track_id,
-        captured_at=utc_naive(item.captured_at),
-        extra=item.metadata,
-        image_sha256=item.image_sha256,
-        model_version=model_version,
-        attribute_model_version=attribute_model_version,
-        embedding=Embedding(vector=_blob(item.embedding)),
-        created_at=datetime.now(UTC).replace(tzinfo=None),
-        attributes=_attribute_rows(item.attributes),
+def add_entries(
+    session: Session,
+    *,
+    collection: str,
+    items: Sequence[NewEntry],
+    model_version: str,
+    attribute_model_version: str,
+) -> tuple[list[int], datetime]:
+    """Insert new entries with their embeddings and attributes in three multi-row statements (no ORM
+    objects); returns their ids, in the order of ``items``, and the ``created_at`` they were given."""
+    if not items:
+        return [], datetime.now(UTC).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [
+        {
+            "collection": collection,
+            "identity": item.identity,
+            "camera_id": item.camera_id,
+            "track_id": item.track_id,
+            "captured_at": utc_naive(item.captured_at),
+            "extra": item.metadata,
+            "image_sha256": item.image_sha256,
+            "model_version": model_version,
+            "attribute_model_version": attribute_model_version,
+            "created_at": now,
+        }
+        for item in items
+    ]
+    ids = list(session.scalars(insert(Entry).returning(Entry.id, sort_by_parameter_order=True), rows))
+    pairs = list(zip(ids, items, strict=True))
+    session.execute(
+        insert(Embedding), [{"entry_id": i, "vector": _blob(item.embedding)} for i, item in pairs]
     )
-    session.add(entry)
-    return entry
+    attributes = [
+        {"entry_id": i, "attribute": name, "value": value, "score": score}
+        for i, item in pairs
+        for name, (value, score) in item.attributes.items()
+    ]
+    if attributes:
+        session.execute(insert(EntryAttribute), attributes)
+    return ids, now
 
 
 def refresh_entry(
