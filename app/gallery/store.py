@@ -12,6 +12,7 @@ transaction; a database newer than this build is refused.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +31,10 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Select,
     String,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -297,22 +300,22 @@ def get_entry(session: Session, *, entry_id: int) -> Entry | None:
     return session.get(Entry, entry_id)
 
 
-def get_entries(session: Session, *, ids: Sequence[int]) -> dict[int, Entry]:
-    if not ids:
-        return {}
-    return {e.id: e for e in session.scalars(select(Entry).where(Entry.id.in_(list(ids))))}
-
-
-def _attributes_object(dialect: str):
-    """SQL that folds an entry's attribute rows into one JSON object {attribute: {value, score}}."""
-    a = EntryAttribute
+@functools.cache
+def _match_query(dialect: str) -> Select:
+    """The entries of the bound ``ids`` with their attributes folded into one JSON object
+    {attribute: {value, score}} by the database; built once per dialect (statement construction and
+    its cache key cost more than the query itself at top_k=10)."""
+    a, e = EntryAttribute, Entry
     if dialect == "postgresql":
         pair = func.json_build_object("value", a.value, "score", a.score)
         folded = func.json_object_agg(a.attribute, pair, type_=JSON)
     else:  # SQLite's JSON1 functions
         pair = func.json_object("value", a.value, "score", a.score)
         folded = func.json_group_object(a.attribute, pair, type_=JSON)
-    return select(folded).where(a.entry_id == Entry.id).correlate(Entry).scalar_subquery()
+    attributes = select(folded).where(a.entry_id == e.id).correlate(e).scalar_subquery()
+    return select(
+        e.id, e.identity, e.collection, e.camera_id, e.track_id, e.captured_at, e.extra, attributes
+    ).where(e.id.in_(bindparam("ids", expanding=True)))
 
 
 def match_rows(session: Session, *, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -323,22 +326,12 @@ def match_rows(session: Session, *, ids: Sequence[int]) -> dict[int, dict[str, A
     """
     if not ids:
         return {}
-    e = Entry
-    query = select(
-        e.id, e.identity, e.collection, e.camera_id, e.track_id, e.captured_at, e.extra,
-        _attributes_object(session.get_bind().dialect.name).label("attributes"),
-    ).where(e.id.in_(list(ids)))  # fmt: skip
+    connection = session.connection()
+    query = _match_query(connection.dialect.name)
     rows = {}
-    for (
-        entry_id,
-        identity,
-        collection,
-        camera,
-        track,
-        captured,
-        extra,
-        attributes,
-    ) in session.connection().execute(query):
+    for entry_id, identity, collection, camera, track, captured, extra, attributes in connection.execute(
+        query, {"ids": list(ids)}
+    ):
         rows[entry_id] = {
             "entry_id": entry_id,
             "identity": identity,
