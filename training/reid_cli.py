@@ -220,14 +220,22 @@ def evaluate_reid(
         Path | None, Opt(help="Split JSON (default: the run's split.json / the bundle's recorded split).")
     ] = None,
     rerank: Annotated[bool, Opt("--rerank", help="Also evaluate with k-reciprocal re-ranking.")] = False,
+    distractors: Annotated[
+        Path | None,
+        Opt(
+            help="Folder of crops of other people added to the validation gallery (e.g. the course "
+            "test/ folder): the protocol that predicts a real test. Evaluated after the plain one."
+        ),
+    ] = None,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 256,
     cache_dir: Annotated[Path | None, Opt(help="Decoded-image cache folder.")] = None,
     threads: Annotated[int, Opt(help="Torch CPU threads (0: one per core).")] = 0,
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
-    """Metrics and plots of a run's best checkpoint or of a bundle: the validation protocol of training,
-    or the official Market-1501 query/gallery test (original layout only)."""
+    """Metrics and plots of a run's best checkpoint or of a bundle: the validation protocol of training
+    (with --distractors also against a gallery of distractors), or the official Market-1501
+    query/gallery test (original layout only)."""
     from training.cli import fail, user_errors
 
     if threads > 0:
@@ -237,13 +245,27 @@ def evaluate_reid(
     try:
         if protocol not in ("validation", "market-test"):
             raise ValueError(f"--protocol must be validation or market-test, got {protocol!r}")
-        result = evaluate_source(
-            source, out, protocol, data_root, split_file, rerank, device, batch_size, cache_dir, progress
+        if distractors is not None and protocol != "validation":
+            raise ValueError("--distractors extends the validation protocol; market-test has its own")
+        results = evaluate_source(
+            source,
+            out,
+            protocol,
+            data_root,
+            split_file,
+            rerank,
+            device,
+            batch_size,
+            cache_dir,
+            progress,
+            distractors=distractors,
         )
     except user_errors() as exc:
         raise fail(str(exc)) from None
-    _print_metrics(result["metrics"])
-    typer.echo(f"wrote {result['file']} and {result['out']}/plots/")
+    for result in results:
+        typer.echo(f"{result['name']}:")
+        _print_metrics(result["metrics"])
+        typer.echo(f"wrote {result['file']}")
 
 
 def evaluate_source(
@@ -257,15 +279,23 @@ def evaluate_source(
     batch_size: int,
     cache_dir: Path | None,
     progress: bool,
-) -> dict[str, Any]:
-    """Load a run's best model or a bundle, build the evaluation set, evaluate, write outputs."""
+    *,
+    distractors: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Load a run's best model or a bundle, build the evaluation set(s), evaluate, write outputs."""
     import tempfile
 
     from app.bundle import MANIFEST
     from app.nets.bundles import build_network, load_bundle
     from training.data.market import load_market
     from training.engine import BEST, CONFIG_FILE, load_checkpoint, resolve_device
-    from training.tasks.reid import ReIDTrainConfig, load_reid_data, market_test_set, write_reid_outputs
+    from training.tasks.reid import (
+        ReIDTrainConfig,
+        load_reid_data,
+        market_test_set,
+        with_distractors,
+        write_reid_outputs,
+    )
 
     target = resolve_device(device)
     if (source / MANIFEST).is_file():
@@ -304,15 +334,26 @@ def evaluate_source(
             config.limit_ids = None
         with tempfile.TemporaryDirectory() as scratch:  # resolve_split writes a copy; keep it out of SOURCE
             eval_set = load_reid_data(config, scratch).validation_set(config.eval_seed)
+    sets = [eval_set]
+    if distractors is not None:
+        sets.append(
+            with_distractors(
+                eval_set, distractors, config.input_size, config.cache_dir or None, progress=progress
+            )
+        )
     out = out or source / "eval"
-    result = write_reid_outputs(
-        model, eval_set, out, device=target, batch_size=batch_size, rerank=rerank, progress=progress
-    )
-    result["source"] = str(source)
-    result["data_fingerprint"] = config.data_fingerprint
-    file = out / ("val_metrics.json" if eval_set.name == "validation" else f"{eval_set.name}_metrics.json")
-    file.write_text(json.dumps(result, indent=1) + "\n")
-    return {**result, "metrics": result[eval_set.name], "out": out, "file": file}
+    results = []
+    for current in sets:
+        result = write_reid_outputs(
+            model, current, out, device=target, batch_size=batch_size, rerank=rerank, progress=progress
+        )
+        result["source"] = str(source)
+        result["data_fingerprint"] = config.data_fingerprint
+        name = current.name
+        file = out / ("val_metrics.json" if name == "validation" else f"{name}_metrics.json")
+        file.write_text(json.dumps(result, indent=1) + "\n")
+        results.append({**result, "name": name, "metrics": result[name], "out": out, "file": file})
+    return results
 
 
 def ablation(

@@ -132,3 +132,27 @@ def test_market_test_protocol(reid_run, original_root, tmp_path):
     assert saved["protocol"]["queries"] == 6 * 3  # 6 test identities, one query per camera
     assert saved["protocol"]["gallery"] == 6 * 3 + 2  # plus one junk and one distractor image
     assert 0 <= saved["market_test"]["mAP"] <= 1
+
+
+def test_distractors_count_as_wrong_matches(reid_run, course_root, tmp_path):
+    """--distractors adds crops of 'other people' (pid 0) to the validation gallery. Here they are exact
+    copies of every validation image: each query's copy ranks first and must count as a wrong match."""
+    val_ids = set(json.loads((reid_run / "split.json").read_text())["val_ids"])
+    folder = tmp_path / "distractors"
+    folder.mkdir()
+    copies = [p for p in sorted((course_root / "train").iterdir()) if int(p.name.split("_")[0]) in val_ids]
+    for i, path in enumerate(copies):
+        shutil.copy(path, folder / f"{i:06d}.jpg")  # course test/ names: no identity, no camera
+    out = tmp_path / "eval"
+    result = invoke("evaluate-reid", reid_run, "--out", out, "--data-root", course_root,
+                    "--distractors", folder, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "validation_distractors:" in result.output
+    plain = json.loads((out / "val_metrics.json").read_text())
+    hard = json.loads((out / "validation_distractors_metrics.json").read_text())
+    assert hard["protocol"]["distractors"] == len(copies)
+    assert hard["protocol"]["gallery"] == plain["protocol"]["gallery"] + len(copies)
+    assert hard["validation_distractors"]["num_queries"] == plain["validation"]["num_queries"]
+    assert hard["validation_distractors"]["rank1"] == 0.0 < plain["validation"]["rank1"]
+    assert hard["validation_distractors"]["mAP"] < plain["validation"]["mAP"]
+    assert (out / "plots_distractors" / "cmc.png").is_file()
