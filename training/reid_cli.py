@@ -132,6 +132,13 @@ def _print_metrics(val: dict[str, Any]) -> None:
         f"mAP {val['mAP']:.4f}, mINP {val['mINP']:.4f}, course mAP@80 {val['map80']:.4f}; "
         f"match threshold {val['match_threshold']:.4f} (cosine, 1% false matches)"
     )
+    if "query_expansion" in val:
+        qe = val["query_expansion"]
+        typer.echo(
+            f"query expansion ({qe['neighbours']} neighbours): rank-1 {qe['rank1']:.4f}, "
+            f"mAP {qe['mAP']:.4f}, "
+            f"mINP {qe['mINP']:.4f}; match threshold {qe['match_threshold']:.4f}"
+        )
     if "rerank" in val:
         rr = val["rerank"]
         typer.echo(

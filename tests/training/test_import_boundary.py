@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_ONLY = ("fastapi", "faiss", "sqlalchemy", "pydantic_settings", "uvicorn", "multipart")
-ALLOWED_APP = ("app.schema", "app.nets", "app.bundle", "app.preprocess")
+ALLOWED_APP = ("app.schema", "app.nets", "app.bundle", "app.preprocess", "app.retrieval")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -174,6 +174,7 @@ class ReIDEvaluator:
 
     max_rank: int = 50
     rerank: bool = False
+    query_expansion: int = 0  # neighbours of alpha-QE (app.retrieval); 0 = off
     features: list[torch.Tensor] = field(default_factory=list)
     pids: list[np.ndarray] = field(default_factory=list)
     camids: list[np.ndarray] = field(default_factory=list)
@@ -210,6 +211,22 @@ class ReIDEvaluator:
         thr = match_threshold(similarity, pids[q], pids[g], camids[q], camids[g])
         metrics["match_threshold"] = thr["threshold"]
         metrics["true_match_rate_at_threshold"] = thr["true_match_rate"]
+        if self.query_expansion:
+            from app.retrieval import expand_against
+
+            gallery = feats[g].numpy()
+            expanded = expand_against(feats[q].numpy(), gallery, k=self.query_expansion)
+            qe_sim = expanded @ gallery.T
+            qe = evaluate_ranking(
+                1.0 - qe_sim, pids[q], pids[g], camids[q], camids[g], max_rank=self.max_rank
+            )
+            qe_thr = match_threshold(qe_sim, pids[q], pids[g], camids[q], camids[g])
+            metrics["query_expansion"] = {
+                **{k: v for k, v in qe.items() if k != "cmc"},
+                "neighbours": self.query_expansion,
+                "match_threshold": qe_thr["threshold"],
+                "true_match_rate_at_threshold": qe_thr["true_match_rate"],
+            }
         if self.rerank:
             from training.evaluation.rerank import measured_rerank
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.nets.reid import ReIDNet, ReIDNetConfig
+from app.retrieval import QE_NEIGHBOURS
 from training.config import TrainConfig
 from training.data.cache import cached_images
 from training.data.market import MarketData, Sample, list_images, load_market
@@ -467,9 +468,10 @@ def evaluate_embeddings(
     is_query: np.ndarray,
     *,
     rerank: bool = False,
+    query_expansion: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of embeddings, and the evaluator's details (distances, indices) for plots."""
-    evaluator = ReIDEvaluator(rerank=rerank)
+    evaluator = ReIDEvaluator(rerank=rerank, query_expansion=query_expansion)
     evaluator.process(embeddings, pids, camids, is_query)
     metrics = evaluator.evaluate()
     return metrics, evaluator.last
@@ -488,11 +490,14 @@ def write_reid_outputs(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     rerank: bool = False,
+    query_expansion: int = QE_NEIGHBOURS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``eval_set``; write ``val_metrics.json`` (or ``test_metrics.json``) and plots.
 
-    The metrics are stored under the set's name (``validation`` / ``market_test``).
+    The metrics are stored under the set's name (``validation`` / ``market_test``); with
+    ``query_expansion`` (neighbours, 0 = off) also those of the service's alpha-QE under
+    ``query_expansion``.
     """
     from training.plots.reid import plot_cmc, plot_ranked_lists, plot_tsne
 
@@ -501,7 +506,9 @@ def write_reid_outputs(
     plots.mkdir(parents=True, exist_ok=True)
     images, pids, camids = eval_set.images, eval_set.pids, eval_set.camids
     embeddings = embed(model, images, device, batch_size, progress=progress, desc=eval_set.name)
-    metrics, last = evaluate_embeddings(embeddings, pids, camids, eval_set.is_query, rerank=rerank)
+    metrics, last = evaluate_embeddings(
+        embeddings, pids, camids, eval_set.is_query, rerank=rerank, query_expansion=query_expansion
+    )
     q, g = last["query"], last["gallery"]
     result = {
         eval_set.name: metrics,
