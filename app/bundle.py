@@ -37,6 +37,18 @@ class EmbeddingSpec(BaseModel):
     distance: Literal["cosine"] = "cosine"
 
 
+class QueryExpansionSpec(BaseModel):
+    """alpha-weighted query expansion (``app.retrieval``) as validated for this bundle: its own match
+    threshold, because expanded queries score higher than plain ones."""
+
+    neighbours: int = Field(gt=0)
+    alpha: float = 3.0
+    match_threshold: float = Field(description="similarity of expanded queries at 1% false matches")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="validation metrics with and without it, per protocol"
+    )
+
+
 class OnnxGraph(BaseModel):
     """The network as an ONNX graph: dynamic batch, uint8 input, checked against torch at export."""
 
@@ -80,6 +92,7 @@ class Manifest(BaseModel):
     weights_dtype: Literal["float32", "float16"] = "float32"
     weights_sha256: str = ""
     onnx: OnnxGraph | None = None
+    query_expansion: QueryExpansionSpec | None = None
 
     @property
     def version(self) -> str:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request
@@ -89,7 +90,14 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
     )
     metrics.describe_models(models)
     gallery = await run_in_threadpool(
-        Gallery.open, settings.database, models, metrics=metrics, search_threads=settings.faiss_threads
+        partial(
+            Gallery.open,
+            settings.database,
+            models,
+            metrics=metrics,
+            search_threads=settings.faiss_threads,
+            query_expansion=settings.query_expansion,
+        )
     )
     app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_workers)
     app.state.models = models

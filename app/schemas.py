@@ -32,7 +32,11 @@ class ModelRef(BaseModel):
 
 class ReIDModelRef(ModelRef):
     match_threshold: float | None = Field(
-        description="Cosine similarity at or above which a match counts as the same person."
+        description="Cosine similarity at or above which a match counts as the same person (the "
+        "threshold validated for this query's scoring: with query expansion, for expanded queries)."
+    )
+    query_expansion: int = Field(
+        default=0, description="Neighbours averaged into the query before ranking; 0: none."
     )
 
 

@@ -47,7 +47,13 @@ async def query(
     gallery: GalleryDep,
     models: ModelsDep,
     settings: SettingsDep,
-    image: Annotated[UploadFile, File(description="One person crop.")],
+    image: Annotated[
+        list[UploadFile],
+        File(
+            description="One person crop, or several crops of one person (a track; repeat the field): "
+            "their embeddings are averaged into one query."
+        ),
+    ],
     top_k: Annotated[
         int, Form(ge=1, description="How many matches to return (at most REID_MAX_TOP_K).")
     ] = 10,
@@ -73,20 +79,24 @@ async def query(
         ),
     ] = [],  # noqa: B006
     min_score: Annotated[float | None, Form(ge=-1, le=1, description="Drop matches below this.")] = None,
+    query_expansion: Annotated[
+        bool,
+        Form(
+            description="Use the service's query expansion when it is on (REID_QUERY_EXPANSION or the "
+            "bundle's validated setting): the query takes in its nearest entries before the ranking."
+        ),
+    ] = True,
     group_by: Annotated[
         Literal["entry", "identity"],
         Form(description="'identity': at most one match (the best) per identity."),
     ] = "entry",
 ) -> Response:
-    """Rank the collection's searchable entries by cosine similarity to the crop.
+    """Rank the collection's searchable entries by cosine similarity to the crop (or track).
 
     Filters are applied inside the index search, so a narrow filter still returns its best matches.
     """
     if top_k > settings.max_top_k:
         raise HTTPException(422, f"top_k is {top_k}; the limit is {settings.max_top_k}")
-    images = (await request.form()).getlist("image")
-    if len(images) != 1:
-        raise HTTPException(422, f"send exactly one file in 'image', not {len(images)}")
     for name, values in (("camera_id", camera_id), ("exclude_camera_id", exclude_camera_id)):
         if any("\x00" in v or len(v) > 128 for v in values):
             raise HTTPException(422, f"{name}: values must be at most 128 characters, without NUL")
@@ -97,23 +107,29 @@ async def query(
         captured_before=captured_before,
         attributes=parse_attribute_filters([a for a in attribute if a], models.attributes),
     )
-    blobs = await read_images([image], settings, field="image", single=True)
+    blobs = await read_images(image, settings, field="image", single=len(image) == 1)
 
     def run():
-        (decoded,) = decode_images(blobs, settings.max_pixels)
         return gallery.search(
             collection=collection,
-            image=decoded,
+            images=decode_images(blobs, settings.max_pixels),
             top_k=top_k,
             filters=filters,
             min_score=min_score,
             group_by=group_by,
+            expand=query_expansion,
         )
 
     candidates, matches = await offload(request, run)
     reid = models.reid
+    neighbours, threshold = gallery.query_settings(query_expansion)
     body = {
-        "model": {"name": reid.name, "version": reid.version, "match_threshold": reid.match_threshold},
+        "model": {
+            "name": reid.name,
+            "version": reid.version,
+            "match_threshold": threshold,
+            "query_expansion": neighbours,
+        },
         "candidates": candidates,
         "matches": matches,
     }

@@ -35,6 +35,7 @@ from app.gallery.index import GalleryIndex
 from app.gallery.store import NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
+from app.retrieval import expand_queries
 from app.schemas import AttributeValue, CollectionStats, EnrolledEntry, GalleryEntry, GalleryStats
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Gallery:
         *,
         metrics: ServiceMetrics | None = None,
         search_threads: int = 1,
+        query_expansion: int | None = None,
     ) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
@@ -100,15 +102,33 @@ class Gallery:
         self.search_threads = search_threads
         self.index = GalleryIndex(models.reid.dim, threads=search_threads)
         self._write_lock = threading.Lock()
+        spec = models.reid.manifest.query_expansion
+        # Neighbours of query expansion (0: off), and the threshold that fits the scores it gives.
+        self.expansion = query_expansion if query_expansion is not None else (spec.neighbours if spec else 0)
+        self.expanded_threshold = spec.match_threshold if spec else models.reid.match_threshold
+        if self.expansion and spec is None:
+            log.warning(
+                "query expansion is on but %s has no calibrated threshold for it: is_match uses the plain "
+                "one (record one with `reid-train evaluate-reid BUNDLE --record`)",
+                models.reid.name,
+            )
 
     @classmethod
     def open(
-        cls, url: str, models: Models, *, metrics: ServiceMetrics | None = None, search_threads: int = 1
+        cls,
+        url: str,
+        models: Models,
+        *,
+        metrics: ServiceMetrics | None = None,
+        search_threads: int = 1,
+        query_expansion: int | None = None,
     ) -> Gallery:
         """Connect, create or migrate the schema, and build the index from the database."""
         engine = store.open_engine(url)
         store.prepare_schema(engine)
-        gallery = cls(engine, models, metrics=metrics, search_threads=search_threads)
+        gallery = cls(
+            engine, models, metrics=metrics, search_threads=search_threads, query_expansion=query_expansion
+        )
         gallery.rebuild()
         return gallery
 
@@ -220,13 +240,18 @@ class Gallery:
         self,
         *,
         collection: str,
-        image: Image.Image,
+        images: Sequence[Image.Image],
         top_k: int,
         filters: SearchFilters,
         min_score: float | None = None,
         group_by: GroupBy = "entry",
+        expand: bool = True,
     ) -> tuple[int, list[dict[str, Any]]]:
-        vector = self.models.reid.embed([image])[0]
+        """Search with one crop, or with several crops of one person (a track): their embeddings are
+        averaged into one query, which sees the person from more than one view."""
+        embeddings = self.models.reid.embed(list(images))
+        vector = embeddings.mean(axis=0)
+        vector /= max(float(np.linalg.norm(vector)), 1e-12)
         return self.search_vector(
             collection=collection,
             vector=vector,
@@ -234,7 +259,14 @@ class Gallery:
             filters=filters,
             min_score=min_score,
             group_by=group_by,
+            expand=expand,
         )
+
+    def query_settings(self, expand: bool = True) -> tuple[int, float | None]:
+        """(query-expansion neighbours, match threshold) that a search with ``expand`` uses."""
+        if expand and self.expansion:
+            return self.expansion, self.expanded_threshold
+        return 0, self.models.reid.match_threshold
 
     def search_vector(
         self,
@@ -245,8 +277,13 @@ class Gallery:
         filters: SearchFilters,
         min_score: float | None = None,
         group_by: GroupBy = "entry",
+        expand: bool = True,
     ) -> tuple[int, list[dict[str, Any]]]:
         """(number of candidates after filters, best matches highest first).
+
+        With query expansion on (and ``expand``), the query first takes in its nearest neighbours among
+        the entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
+        query, judged by the threshold validated for them.
 
         Matches are plain dicts with the fields of ``app.schemas.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
@@ -261,6 +298,12 @@ class Gallery:
                     session, collection=collection, model_version=self.model_version, filters=filters
                 )
                 candidates = len(allowed)
+            neighbours, threshold = self.query_settings(expand)
+            if neighbours:
+                sims, near = self.index.search(collection, vector, neighbours, allowed=allowed)
+                if len(near):
+                    stacked = self.index.vectors(collection, near)
+                    vector = expand_queries(vector[None], stacked[None], sims[None])[0]
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
                 scores, ids = self.index.search(collection, vector, k, allowed=allowed)
@@ -283,7 +326,6 @@ class Gallery:
                     hits = grouped
                     break
                 k *= 4
-        threshold = self.models.reid.match_threshold
         matches = [
             {**row, "score": round(score, 6), "is_match": threshold is not None and score >= threshold}
             for score, row in hits[:top_k]

@@ -72,6 +72,12 @@ class GalleryIndex:
             self._indexes[name].remove_ids(faiss.IDSelectorBatch(np.asarray(members, dtype=np.int64)))
         return sum(len(m) for m in by_collection.values())
 
+    def vectors(self, collection: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (which must be in ``collection``), in that order."""
+        with self._lock:
+            index = self._indexes[collection]
+            return np.stack([index.reconstruct(int(i)) for i in ids])
+
     def search(
         self, collection: str, query: np.ndarray, k: int, *, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -178,7 +178,8 @@ def test_missing_or_misplaced_files(client, good):
     check(client.post("/attributes", data={"x": "1"}), 422, "images")
     check(client.post("/gallery", data={"identity": "a"}), 422, "images")
     check(client.post("/reid/query", files=files(good)), 422, "image")  # sent as 'images'
-    check(client.post("/reid/query", files=files(good, good, field="image")), 422, "exactly one")
+    too_many = files(*[good] * 5, field="image")  # a track longer than max_images_per_request
+    check(client.post("/reid/query", files=too_many), 413, "limit is 4")
     check(client.post("/attributes", data={"images": "not a file"}), 422, "images")
     check(
         client.post("/attributes", content=b"{}", headers={"content-type": "application/json"}), 422, "images"
