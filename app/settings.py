@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     runtime: Literal["onnx", "torch"] | None = Field(
         default=None,
         description="What runs the networks: 'onnx' (ONNX Runtime, the bundle's verified graph) or "
-        "'torch'; unset: ONNX Runtime for bundles with a graph on the CPU, else torch.",
+        "'torch'; unset, empty or 'auto': ONNX Runtime for bundles with a graph on the CPU, else torch.",
     )
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="Where the models run: cpu, cuda, cuda:N."
@@ -90,9 +90,24 @@ class Settings(BaseSettings):
         "OpenMP pool spinning next to torch's only contends for the cores.",
     )
 
+    query_expansion: int | None = Field(
+        default=None,
+        ge=0,
+        description="Query expansion: neighbours averaged into each query (alpha-QE); unset: what the "
+        "re-ID bundle's manifest validated (off when it has no 'query_expansion' section); 0: off.",
+    )
+
     # Server (``reid-serve --host/--port`` override these)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _auto_runtime(cls, value: object) -> object:
+        # docker-compose passes REID_RUNTIME through as an empty string when it is not set.
+        if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+            return None
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

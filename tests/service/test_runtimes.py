@@ -86,6 +86,20 @@ def test_the_runtime_choice(bundles):
         choose_runtime(bare, "onnx", "cpu")
 
 
+@pytest.mark.parametrize("value", ["", "auto", " AUTO "])
+def test_an_empty_or_auto_runtime_setting_means_the_automatic_choice(monkeypatch, value):
+    # docker-compose.yml passes REID_RUNTIME: ${REID_RUNTIME:-}, an empty string when it is not set.
+    from app.settings import Settings
+
+    monkeypatch.setenv("REID_RUNTIME", value)
+    assert Settings().runtime is None
+    monkeypatch.setenv("REID_RUNTIME", "onnx")
+    assert Settings().runtime == "onnx"
+    monkeypatch.setenv("REID_RUNTIME", "tensorflow")
+    with pytest.raises(ValueError, match="onnx"):
+        Settings()
+
+
 @pytest.fixture(scope="module")
 def torch_only(tmp_path_factory) -> Bundles:
     root = tmp_path_factory.mktemp("torch-only")
