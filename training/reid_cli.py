@@ -234,6 +234,14 @@ def evaluate_reid(
             "test/ folder): the protocol that predicts a real test. Evaluated after the plain one."
         ),
     ] = None,
+    record: Annotated[
+        bool,
+        Opt(
+            "--record",
+            help="SOURCE is a bundle: write what was measured into its manifest (the distractor "
+            "protocol's metrics, and the query-expansion section the service uses); weights unchanged.",
+        ),
+    ] = False,
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, Opt(help="Images per forward pass.")] = 256,
     cache_dir: Annotated[Path | None, Opt(help="Decoded-image cache folder.")] = None,
@@ -273,6 +281,36 @@ def evaluate_reid(
         typer.echo(f"{result['name']}:")
         _print_metrics(result["metrics"])
         typer.echo(f"wrote {result['file']}")
+    if record:
+        try:
+            typer.echo(f"recorded in {record_in_manifest(source, results)}")
+        except user_errors() as exc:
+            raise fail(str(exc)) from None
+
+
+def record_in_manifest(bundle: Path, results: list[dict[str, Any]]) -> Path:
+    """Write evaluated metrics into a re-ID bundle's manifest (not its weights); returns the manifest."""
+    from app.bundle import MANIFEST, QueryExpansionSpec, read_manifest, write_manifest
+    from training.tasks.reid import query_expansion_spec
+
+    if not (bundle / MANIFEST).is_file():
+        raise ValueError(f"--record needs a bundle directory; {bundle} has no {MANIFEST}")
+    manifest = read_manifest(bundle)
+    by_name = {r["name"]: r["metrics"] for r in results}
+    if "validation" not in by_name:
+        raise ValueError("--record needs the validation protocol")
+    scalars = {
+        name: {k: v for k, v in m.items() if isinstance(v, int | float)}
+        for name, m in by_name.items()
+        if name != "validation"
+    }
+    others = {k: v for k, v in by_name.items() if k != "validation"}
+    update: dict[str, Any] = {"metrics": {**manifest.metrics, **scalars}}
+    if "query_expansion" in by_name["validation"]:
+        spec = query_expansion_spec(by_name["validation"], **others)
+        update["query_expansion"] = QueryExpansionSpec.model_validate(spec)
+    write_manifest(bundle, manifest.model_copy(update=update))
+    return bundle / MANIFEST
 
 
 def evaluate_source(
@@ -309,6 +347,10 @@ def evaluate_source(
         manifest, model = load_bundle(source, device=str(target))
         if manifest.task != "reid":
             raise ValueError(f"{source} is a {manifest.task} bundle, not a re-ID bundle")
+        if manifest.onnx is not None and target.type == "cpu":
+            from training.onnx_export import OnnxModule
+
+            model = OnnxModule(source)  # what the service runs; the torch network stays the reference
         config = ReIDTrainConfig.from_dict(manifest.training_config)
         recorded = Path(config.run_dir) / "split.json" if config.run_dir else None
     elif (source / BEST).is_file():

@@ -9,7 +9,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_ONLY = ("fastapi", "faiss", "sqlalchemy", "pydantic_settings", "uvicorn", "multipart")
-ALLOWED_APP = ("app.schema", "app.nets", "app.bundle", "app.preprocess", "app.retrieval")
+ALLOWED_APP = (
+    "app.schema",
+    "app.nets",
+    "app.bundle",
+    "app.preprocess",
+    "app.retrieval",
+    "app.runtimes",
+)
 
 
 def imported_modules(path: Path) -> set[str]:

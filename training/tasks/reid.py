@@ -656,8 +656,33 @@ def manifest_fields(checkpoint: dict[str, Any], run_dir: str | Path) -> dict[str
         metrics = {k: v for k, v in saved["validation"].items() if isinstance(v, int | float)}
         metrics["protocol"] = saved.get("protocol", {})
     metrics["best_epoch"] = checkpoint["epoch"]
-    return {
+    fields = {
         "embedding": {"dim": dim, "normalized": True, "distance": "cosine"},
         "match_threshold": metrics.get("match_threshold"),
         "metrics": metrics,
+    }
+    if final.is_file() and "query_expansion" in saved["validation"]:
+        fields["query_expansion"] = query_expansion_spec(saved["validation"])
+    return fields
+
+
+def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``query_expansion`` section from evaluated metrics: the threshold of the plain
+    validation protocol (as the plain ``match_threshold``), and mAP / rank-1 with and without it for
+    that protocol and any other (``validation_distractors=...``)."""
+    qe = validation["query_expansion"]
+    measured = {"validation": validation, **protocols}
+    return {
+        "neighbours": qe["neighbours"],
+        "match_threshold": qe["match_threshold"],
+        "metrics": {
+            name: {
+                "mAP": m["mAP"],
+                "rank1": m["rank1"],
+                "mAP_expanded": m["query_expansion"]["mAP"],
+                "rank1_expanded": m["query_expansion"]["rank1"],
+            }
+            for name, m in measured.items()
+            if "query_expansion" in m
+        },
     }
