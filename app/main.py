@@ -68,7 +68,7 @@ def _torch_threads(settings: Settings, models: Models) -> Iterator[None]:
     import torch
 
     saved = torch.get_num_threads()
-    torch.set_num_threads(settings.resolved_threads())
+    torch.set_num_threads(settings.resolved_threads("torch"))
     try:
         yield
     finally:
@@ -85,7 +85,7 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
         batch_size=settings.batch_size,
         device=settings.device,
         runtime=settings.runtime,
-        threads=settings.resolved_threads(),
+        threads=settings.resolved_threads("onnx"),  # ONNX Runtime's; torch's is set below
         observer=metrics.observe_inference,
     )
     metrics.describe_models(models)
@@ -112,7 +112,7 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
         models.reid.version,
         models.reid.runtime.name,
         len(gallery.index),
-        settings.resolved_threads(),
+        settings.resolved_threads(models.reid.runtime.name),
     )
     try:
         with _torch_threads(settings, models):
