@@ -54,6 +54,13 @@ export_bundles() {
   reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64 --force
   # tau 0.25: the largest mean accuracy + mA of the run's logit-adjustment table (docs/models.md).
   reid-train export "$RUNS/attributes-osnet-128x64-ws" --logit-adjust 0.25 --force
+  # Export writes each bundle's ONNX graph. The distractor protocol (the course test/ crops as wrong
+  # matches, the validation that predicts a real test) and the query-expansion section the service
+  # uses go into the re-ID manifests here.
+  for bundle in models_store/reid models_store/reid-128x64; do
+    reid-train evaluate-reid "$bundle" --split-file "$SPLIT" --distractors "$REID_DATA_ROOT/test" \
+      --out "$RUNS/eval-$(basename "$bundle")" --record --no-progress
+  done
 }
 
 case "${1:-all}" in
