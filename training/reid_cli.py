@@ -139,6 +139,12 @@ def _print_metrics(val: dict[str, Any]) -> None:
             f"mAP {qe['mAP']:.4f}, "
             f"mINP {qe['mINP']:.4f}; match threshold {qe['match_threshold']:.4f}"
         )
+    if "track_queries" in val:
+        tr = val["track_queries"]
+        typer.echo(
+            f"track queries (each query's identity-and-camera images averaged): rank-1 {tr['rank1']:.4f}, "
+            f"mAP {tr['mAP']:.4f}, mINP {tr['mINP']:.4f}"
+        )
     if "rerank" in val:
         rr = val["rerank"]
         typer.echo(

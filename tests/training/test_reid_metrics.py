@@ -116,3 +116,16 @@ def test_evaluator_accumulates_batches():
     assert -1 <= m["match_threshold"] <= 1
     ev.reset()
     assert not ev.features
+
+
+def test_track_queries_average_each_query_identity_and_camera():
+    from training.evaluation.reid import track_embeddings
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(6, 4)).astype(np.float32)
+    pids = np.array([1, 1, 1, 2, 2, 0])
+    cams = np.array([1, 1, 2, 1, 1, -1])
+    tracks = track_embeddings(feats, pids, cams, np.array([0, 3]))
+    expected = feats[[0, 1]].mean(0), feats[[3, 4]].mean(0)
+    for row, mean in zip(tracks, expected, strict=True):
+        np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-6)

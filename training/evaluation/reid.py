@@ -163,6 +163,20 @@ def match_threshold(
     }
 
 
+def track_embeddings(
+    features: np.ndarray, pids: np.ndarray, camids: np.ndarray, queries: np.ndarray
+) -> np.ndarray:
+    """Per query, the normalised mean embedding of every image of its identity and camera: what the
+    service's track query (several crops of one person from one camera) sends. Those images are in the
+    gallery, but the protocol already removes same-identity same-camera images from each query's list,
+    so no query sees its own track's images ranked."""
+    out = np.empty((len(queries), features.shape[1]), dtype=np.float32)
+    for row, i in enumerate(queries):
+        mean = features[(pids == pids[i]) & (camids == camids[i])].mean(axis=0)
+        out[row] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return out
+
+
 @dataclass
 class ReIDEvaluator:
     """Collects embeddings batch by batch, then scores them: ``reset`` / ``process`` / ``evaluate``.
@@ -175,6 +189,7 @@ class ReIDEvaluator:
     max_rank: int = 50
     rerank: bool = False
     query_expansion: int = 0  # neighbours of alpha-QE (app.retrieval); 0 = off
+    track_queries: bool = False  # also rank with each query's (identity, camera) images averaged
     features: list[torch.Tensor] = field(default_factory=list)
     pids: list[np.ndarray] = field(default_factory=list)
     camids: list[np.ndarray] = field(default_factory=list)
@@ -227,6 +242,17 @@ class ReIDEvaluator:
                 "match_threshold": qe_thr["threshold"],
                 "true_match_rate_at_threshold": qe_thr["true_match_rate"],
             }
+        if self.track_queries:
+            tracks = track_embeddings(feats.numpy(), pids, camids, q)
+            tr = evaluate_ranking(
+                1.0 - tracks @ feats[g].numpy().T,
+                pids[q],
+                pids[g],
+                camids[q],
+                camids[g],
+                max_rank=self.max_rank,
+            )
+            metrics["track_queries"] = {k: v for k, v in tr.items() if k != "cmc"}
         if self.rerank:
             from training.evaluation.rerank import measured_rerank
 

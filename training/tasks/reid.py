@@ -469,9 +469,10 @@ def evaluate_embeddings(
     *,
     rerank: bool = False,
     query_expansion: int = 0,
+    track_queries: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of embeddings, and the evaluator's details (distances, indices) for plots."""
-    evaluator = ReIDEvaluator(rerank=rerank, query_expansion=query_expansion)
+    evaluator = ReIDEvaluator(rerank=rerank, query_expansion=query_expansion, track_queries=track_queries)
     evaluator.process(embeddings, pids, camids, is_query)
     metrics = evaluator.evaluate()
     return metrics, evaluator.last
@@ -507,7 +508,13 @@ def write_reid_outputs(
     images, pids, camids = eval_set.images, eval_set.pids, eval_set.camids
     embeddings = embed(model, images, device, batch_size, progress=progress, desc=eval_set.name)
     metrics, last = evaluate_embeddings(
-        embeddings, pids, camids, eval_set.is_query, rerank=rerank, query_expansion=query_expansion
+        embeddings,
+        pids,
+        camids,
+        eval_set.is_query,
+        rerank=rerank,
+        query_expansion=query_expansion,
+        track_queries=True,
     )
     q, g = last["query"], last["gallery"]
     result = {
