@@ -109,6 +109,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("query_expansion", mode="before")
+    @classmethod
+    def _unset_expansion(cls, value: object) -> object:
+        # An empty REID_QUERY_EXPANSION (compose's ${VAR:-}) means unset: the bundle decides.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

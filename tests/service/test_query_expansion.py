@@ -64,6 +64,18 @@ def test_the_setting_overrides_the_bundle(calibrated, tmp_path, people):
         assert ask(client, crop(people[1], 3))["model"]["query_expansion"] == 4
 
 
+def test_an_empty_setting_leaves_it_to_the_bundle(monkeypatch):
+    from app.settings import Settings
+
+    monkeypatch.setenv("REID_QUERY_EXPANSION", "")
+    assert Settings().query_expansion is None
+    monkeypatch.setenv("REID_QUERY_EXPANSION", "3")
+    assert Settings().query_expansion == 3
+    monkeypatch.setenv("REID_QUERY_EXPANSION", "-1")
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        Settings()
+
+
 def test_a_track_query_averages_its_crops(bundles, tmp_path, people):
     settings = make_settings(bundles, tmp_path / "data", database_url=sqlite_url(tmp_path))
     with TestClient(create_app(settings)) as client:
