@@ -510,15 +510,27 @@ def predict_reid(
     device: Annotated[str, Opt(help="auto | cpu | cuda")] = "cpu",
     workers: Annotated[int, Opt(help="Decoding threads.")] = 2,
     threads: Annotated[int, Opt(help="Torch CPU threads (0: one per core).")] = 0,
+    rerank: Annotated[
+        bool,
+        Opt(
+            "--rerank",
+            help="Rank by k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) instead of cosine similarity; "
+            "memory grows with queries x gallery, not with their square.",
+        ),
+    ] = False,
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
-    """Rank the gallery for every query by cosine similarity, most similar first."""
+    """Rank the gallery for every query by cosine similarity (or re-ranking), most similar first."""
     from training.batch_inference import open_bundle
     from training.cli import fail, user_errors
     from training.data.market import list_images
 
     try:
         manifest, model = open_bundle(bundle, "reid", threads)
+        if manifest.onnx is not None and device == "cpu":
+            from training.onnx_export import OnnxModule
+
+            model = OnnxModule(bundle, threads)  # what the service runs, about 5x faster on a CPU
         q_paths, g_paths = list_images(queries), list_images(gallery)
         if not q_paths or not g_paths:
             raise ValueError(f"no images in {queries if not q_paths else gallery}")
@@ -527,7 +539,13 @@ def predict_reid(
         q_emb = embed_files(model, q_paths, manifest.input_size, desc="queries", **kwargs)
         g_emb = embed_files(model, g_paths, manifest.input_size, desc="gallery", **kwargs)
         embedded = time.perf_counter()
-        write_rankings(out, q_paths, g_paths, q_emb, g_emb, top=top, progress=progress)
+        distances = None
+        if rerank:
+            from training.evaluation.rerank import re_ranking_sparse
+
+            distances = re_ranking_sparse(q_emb.numpy(), g_emb.numpy())
+            typer.echo(f"re-ranked {len(q_paths)} x {len(g_paths)} in {time.perf_counter() - embedded:.1f} s")
+        write_rankings(out, q_paths, g_paths, q_emb, g_emb, top=top, progress=progress, distances=distances)
     except user_errors() as exc:
         raise fail(str(exc)) from None
     done = time.perf_counter()
@@ -579,8 +597,10 @@ def write_rankings(
     top: int | None = None,
     chunk: int = 256,
     progress: bool = True,
+    distances: Any = None,
 ) -> None:
-    """One line per query, gallery file names by decreasing cosine similarity (ties: gallery order)."""
+    """One line per query, gallery file names by decreasing cosine similarity (ties: gallery order), or by
+    increasing ``distances`` (a (Q, G) array, e.g. re-ranked) when given."""
     import numpy as np
     from tqdm import tqdm
 
@@ -589,7 +609,10 @@ def write_rankings(
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
         for start in tqdm(range(0, len(q_paths), chunk), desc="rank", unit="chunk", disable=not progress):
-            sim = (q_emb[start : start + chunk] @ g_emb.T).numpy()
+            if distances is None:
+                sim = (q_emb[start : start + chunk] @ g_emb.T).numpy()
+            else:
+                sim = -np.asarray(distances[start : start + chunk])
             if n < len(g_paths):  # the top n only: partition first, then sort those
                 part = np.argpartition(-sim, n - 1, axis=1)[:, :n]
                 inner = np.argsort(-np.take_along_axis(sim, part, 1), axis=1, kind="stable")

@@ -97,6 +97,11 @@ def test_export_evaluate_predict(reid_run, course_root, tmp_path):
                     "--out", ranking, "--top", "5", "--no-progress")  # fmt: skip
     top = ranking.read_text().splitlines()[0].split(": ")[1].split(", ")
     assert result.exit_code == 0 and top == ranked[:5]
+    result = invoke("predict-reid", "--bundle", bundle, "--queries", queries, "--gallery", gallery,
+                    "--out", ranking, "--rerank", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0 and "re-ranked 3 x 17" in result.output, result.output
+    reranked = [line.split(": ")[1].split(", ") for line in ranking.read_text().splitlines()]
+    assert all(sorted(r) == sorted(p.name for p in images[3:20]) for r in reranked)
 
 
 def test_ablation_table(course_root, tmp_path):

@@ -85,3 +85,18 @@ def test_measured_rerank_reports_cost_and_does_not_hurt_clusters():
     base = evaluate_ranking(torch.cdist(feats[q], feats[g]).numpy(), pids[q], pids[g], cams[q], cams[g])
     rr = evaluate_ranking(final, pids[q], pids[g], cams[q], cams[g])
     assert rr["mAP"] >= base["mAP"] - 0.02
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(20, 6), (5, 3), (4, 1)])
+def test_the_sparse_version_matches_the_dense_one(k1, k2):
+    """re_ranking_sparse (predict-reid's, memory linear in the images) equals re_ranking (the authors'
+    dense algorithm), here with blocks smaller than the set so the blocked neighbour search is used."""
+    from training.evaluation.rerank import re_ranking_sparse
+
+    feats, _ = _clustered()
+    q, g = feats[:10], feats[10:]
+    qg, qq, gg = (torch.cdist(a, b).numpy() for a, b in ((q, g), (q, q), (g, g)))
+    dense = re_ranking(qg, qq, gg, k1=k1, k2=k2)
+    ours = re_ranking_sparse(q.numpy(), g.numpy(), k1=k1, k2=k2, block=7)
+    assert ours.shape == dense.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, dense, rtol=1e-4, atol=1e-5)
