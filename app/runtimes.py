@@ -80,7 +80,6 @@ class OnnxRuntime:
             )
         self.input = graph.input
         self.outputs = graph.outputs
-        self.threads = threads
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.outputs, {self.input: batch})
@@ -103,8 +102,6 @@ class TorchRuntime:
         self._torch = torch
         _, self.net = load_bundle(directory, device=device)
         self.device = torch.device(device)
-        self.threads = threads
-        self.task = manifest.task
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
@@ -123,13 +120,7 @@ def choose_runtime(manifest: Manifest, requested: RuntimeName | None, device: st
         )
     if requested is not None:
         return requested
-    if manifest.onnx is None:
-        log.warning("%s: the bundle has no ONNX graph; running it on torch", manifest.name)
-        return "torch"
-    if device.startswith("cuda"):
-        log.info("%s: REID_DEVICE=%s, running it on torch", manifest.name, device)
-        return "torch"
-    return "onnx"
+    return "onnx" if manifest.onnx is not None and not device.startswith("cuda") else "torch"
 
 
 def torch_available() -> bool:
@@ -153,5 +144,10 @@ def open_runtime(
 ) -> Runtime:
     """Load the bundle's network on the chosen runtime."""
     name = choose_runtime(manifest, requested, device)
+    if requested is None and name == "torch":  # said once, here, not by every caller of the choice
+        if manifest.onnx is None:
+            log.warning("%s: the bundle has no ONNX graph; running it on torch", manifest.name)
+        else:
+            log.info("%s: REID_DEVICE=%s, running it on torch", manifest.name, device)
     runtime = OnnxRuntime if name == "onnx" else TorchRuntime
     return runtime(directory, manifest, threads=threads, device=device)

@@ -41,6 +41,19 @@ def _k_reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
     return forward[np.any(backward == i, axis=1)]
 
 
+def _expanded_reciprocal(rank: np.ndarray, i: int, k1: int) -> np.ndarray:
+    """R*(i, k1): i's k-reciprocal neighbours plus the half-size reciprocal sets of its members that
+    overlap them by more than 2/3 (the paper's expansion step), sorted and unique."""
+    reciprocal = _k_reciprocal(rank, i, k1)
+    half = int(np.around(k1 / 2.0))
+    expansion = reciprocal
+    for candidate in reciprocal:
+        cand = _k_reciprocal(rank, int(candidate), half)
+        if len(np.intersect1d(cand, reciprocal)) > 2.0 / 3 * len(cand):
+            expansion = np.append(expansion, cand)
+    return np.unique(expansion)
+
+
 def re_ranking(
     q_g_dist: np.ndarray,
     q_q_dist: np.ndarray,
@@ -56,17 +69,10 @@ def re_ranking(
     original = (original / np.max(original, axis=0)).T  # as in the reference code
     num_all = original.shape[0]
     rank = _top_k(original, k1 + 1)
-    half = int(np.around(k1 / 2.0))
 
     V = np.zeros_like(original)
     for i in range(num_all):
-        reciprocal = _k_reciprocal(rank, i, k1)
-        expansion = reciprocal
-        for candidate in reciprocal:
-            cand = _k_reciprocal(rank, int(candidate), half)
-            if len(np.intersect1d(cand, reciprocal)) > 2.0 / 3 * len(cand):
-                expansion = np.append(expansion, cand)
-        expansion = np.unique(expansion)
+        expansion = _expanded_reciprocal(rank, i, k1)
         weight = np.exp(-original[i, expansion])
         V[i, expansion] = weight / weight.sum()
     original = original[:num_q]
@@ -129,16 +135,9 @@ def re_ranking_sparse(
     def original(i: int, cols: np.ndarray) -> np.ndarray:
         return np.maximum(2.0 - 2.0 * (feats[cols] @ feats[i]), 0.0) / row_max[i]
 
-    half = int(np.around(k1 / 2.0))
     rows, cols, vals = [], [], []
     for i in range(num_all):
-        reciprocal = _k_reciprocal(rank, i, k1)
-        expansion = reciprocal
-        for candidate in reciprocal:
-            cand = _k_reciprocal(rank, int(candidate), half)
-            if len(np.intersect1d(cand, reciprocal)) > 2.0 / 3 * len(cand):
-                expansion = np.append(expansion, cand)
-        expansion = np.unique(expansion)
+        expansion = _expanded_reciprocal(rank, i, k1)
         weight = np.exp(-original(i, expansion))
         rows.append(np.full(len(expansion), i, dtype=np.int32))
         cols.append(expansion)
