@@ -228,7 +228,7 @@ def train_attributes(
         trainer = Trainer(config, run_dir)
         if trainer.device.type == "cpu":
             keep_freed_memory()
-        typer.echo(f"run {run_dir} on {trainer.device} ({'AMP' if trainer.amp else 'fp32'})", err=True)
+        typer.echo(f"run {run_dir} on {trainer.device} ({trainer.precision})", err=True)
         seed_everything(config.seed)
         data = load_attribute_data(config, run_dir)
         typer.echo(

@@ -63,7 +63,8 @@ class TrainConfig:
     # Runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16
+    precision: str = ""  # what the run trains in (fp16 | bf16 | fp32), filled in by the Trainer
     seed: int = 0
     run_dir: str = ""
     progress: bool = True

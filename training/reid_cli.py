@@ -52,6 +52,10 @@ def _train_options(
     branch_dim: int | None,
     last_stride: int | None,
     erase_p: float | None,
+    train_all: bool | None,
+    distractors: Path | None,
+    distractor_every: int | None,
+    amp: bool | None,
 ) -> dict[str, Any]:
     from training.cli import parse_size, resolve_init_weights
 
@@ -85,6 +89,10 @@ def _train_options(
         "branch_dim": branch_dim,
         "last_stride": last_stride,
         "erase_p": erase_p,
+        "train_all": train_all,
+        "distractors": str(distractors) if distractors else None,
+        "distractor_every": distractor_every,
+        "amp": amp,
     }
 
 
@@ -108,15 +116,16 @@ def run_training(
     if trainer.device.type == "cpu":
         keep_freed_memory()
     typer.echo(
-        f"run {run_dir}: recipe {config.recipe}, {config.backbone} on {trainer.device} "
-        f"({'AMP' if trainer.amp else 'fp32'})",
+        f"run {run_dir}: recipe {config.recipe}, {config.backbone} on {trainer.device} ({trainer.precision})",
         err=True,
     )
     seed_everything(config.seed)
     data = load_reid_data(config, run_dir)
+    ids = len(set(data.train_pids.tolist()))
+    seen = " (seen in training: --train-all)" if config.train_all else ""
     typer.echo(
-        f"data {config.layout} layout: {len(data.train)} train / {len(data.val)} val images, "
-        f"{len(data.split.train_ids)} / {len(data.split.val_ids)} identities",
+        f"data {config.layout} layout: {len(data.train)} train images of {ids} identities, "
+        f"{len(data.val)} validation images of {len(data.split.val_ids)}{seen}",
         err=True,
     )
     task = ReIDTask(config, data, device=trainer.device, channels_last=trainer.channels_last)
@@ -192,8 +201,28 @@ def train_reid(
     branch_dim: Annotated[int | None, Opt(help="Reduce each branch to this size (embedding = 2x).")] = None,
     last_stride: Annotated[int | None, Opt(help="1 keeps the last stage at stride 16 (slower).")] = None,
     erase_p: Annotated[float | None, Opt(help="Random-erasing probability (modern 0.5).")] = None,
+    train_all: Annotated[
+        bool | None,
+        Opt(
+            "--train-all",
+            help="Train on every identity, the split's validation ones too (for a shipped bundle; "
+            "no per-epoch validation, the last epoch is kept).",
+        ),
+    ] = None,
+    distractors: Annotated[
+        Path | None,
+        Opt(
+            help="Folder of other people's crops (the course test/) added to the validation gallery "
+            "every --distractor-every epochs: the protocol that predicts a real test."
+        ),
+    ] = None,
+    distractor_every: Annotated[int | None, Opt(help="Epochs between distractor validations (10).")] = None,
     rerank: Annotated[bool, Opt("--rerank", help="Also evaluate with k-reciprocal re-ranking.")] = False,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda")] = None,
+    amp: Annotated[
+        bool | None,
+        Opt("--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU that has it (default on)."),
+    ] = None,
     workers: Annotated[int | None, Opt(help="Threads for decoding images into the cache.")] = None,
     threads: Annotated[
         int | None, Opt(help="Torch CPU threads (default: one per core; 1 is faster on a busy machine).")

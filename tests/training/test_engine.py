@@ -18,6 +18,7 @@ from training.engine import (
     Trainer,
     load_checkpoint,
     resolve_device,
+    resolve_precision,
 )
 
 
@@ -142,6 +143,34 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_precision_choice(monkeypatch):
+    import training.engine as engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision(True, cuda) == "fp16" and resolve_precision(False, cuda) == "fp32"
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    assert resolve_precision(True, cpu) == "bf16" and resolve_precision(False, cpu) == "fp32"
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower
+    assert resolve_precision(True, cpu) == "fp32"
+
+
+def test_bf16_training_learns_and_is_recorded(tmp_path, monkeypatch):
+    import training.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)  # bf16 autocast runs on any CPU, slower
+    trainer = Trainer(config(tmp_path, epochs=6))
+    assert trainer.precision == "bf16" and trainer.autocast_dtype == torch.bfloat16
+    task = ToyTask()
+    with torch.no_grad():
+        before = task.validate()["val_loss"]
+    result = trainer.fit(task)
+    assert result.history[-1]["val_loss"] < 0.5 * before
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["precision"] == "bf16" and saved["amp"] is True
+    fp32 = Trainer(config(tmp_path / "fp32", amp=False))
+    assert fp32.precision == "fp32" and not fp32.amp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

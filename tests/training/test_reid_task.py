@@ -95,6 +95,38 @@ def test_validate_and_one_pass_outputs(course_root, tmp_path, data):
     assert 0 <= metrics["mAP"] <= 1 and np.isfinite(metrics["val_loss"])
 
 
+def test_train_all_uses_every_identity(course_root, tmp_path, data):
+    config = _config(course_root, tmp_path, train_all=True, patience=5)
+    assert (config.monitor, config.monitor_mode, config.patience) == ("epoch", "max", 0)
+    every = load_reid_data(config, tmp_path / "run")
+    assert set(every.train_pids.tolist()) == set(data.train_pids.tolist()) | set(data.val_pids.tolist())
+    task = ReIDTask(config, every)
+    list(task.train_batches(3))
+    assert task.validate() == {"epoch": 3.0}  # seen identities: nothing to validate on
+
+
+def test_distractor_validation_every_n_epochs(course_root, tmp_path, data):
+    from tests.synthetic import make_course_dataset
+
+    make_course_dataset(tmp_path / "other", n_ids=6, images_per_id=4, seed=9)
+    config = _config(
+        course_root, tmp_path, distractors=str(tmp_path / "other" / "train"), distractor_every=2, epochs=5
+    )
+    task = ReIDTask(config, data)
+    assert task.distractor_images is not None and len(task.distractor_images) == 24
+    seen = {}
+    for epoch in (1, 2, 5):
+        task.train_batches(epoch)
+        seen[epoch] = task.validate()
+    assert "distractors_mAP" not in seen[1]  # only every 2nd epoch and at the last one
+    for epoch in (2, 5):
+        m = seen[epoch]
+        assert {"distractors_mAP", "distractors_rank1", "distractors_qe_mAP"} <= set(m)
+        assert m["distractors_mAP"] <= m["mAP"] + 1e-9  # more wrong candidates never help
+    with pytest.raises(ValueError, match="distractor_every"):
+        _config(course_root, tmp_path, distractor_every=0)
+
+
 # -- training learns --------------------------------------------------------------------------------------
 
 CAMERA_COLOURS = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (230, 220, 40), (200, 40, 200), (40, 200, 200)]

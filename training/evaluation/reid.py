@@ -220,7 +220,7 @@ class ReIDEvaluator:
         pids, camids = np.concatenate(self.pids), np.concatenate(self.camids)
         is_query = np.concatenate(self.is_query)
         q, g = np.flatnonzero(is_query), np.flatnonzero(~is_query)
-        similarity = (feats[q] @ feats[g].T).numpy()
+        similarity = feats[q].numpy() @ feats[g].numpy().T  # numpy: fp32 even inside an autocast region
         distmat = 1.0 - similarity
         metrics = evaluate_ranking(distmat, pids[q], pids[g], camids[q], camids[g], max_rank=self.max_rank)
         thr = match_threshold(similarity, pids[q], pids[g], camids[q], camids[g])

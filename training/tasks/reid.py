@@ -106,6 +106,14 @@ class ReIDTrainConfig(TrainConfig):
     branch_dim: int | None = None  # per-branch embedding size after a learned reduction
     last_stride: int = 2
     eval_seed: int = 0  # seed of the validation query/gallery protocol
+    # Train on every identity (the split's validation ones too), as shipped bundles are: validation
+    # identities are then seen, so per-epoch validation is skipped and the last epoch is kept.
+    train_all: bool = False
+    # A folder of crops of other people added to the validation gallery (the course test/ folder):
+    # the protocol that predicts a real test (docs/models.md). Costs one pass over the folder, so it
+    # runs every ``distractor_every`` epochs and at the last one.
+    distractors: str | None = None
+    distractor_every: int = 10
 
     batch_size: int = 32  # anchors per batch (report); P * K for batch_hard
     epochs: int = 25
@@ -124,6 +132,10 @@ class ReIDTrainConfig(TrainConfig):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.triplet == "batch_hard":
             self.batch_size = self.p * self.k
+        if self.distractor_every < 1:
+            raise ValueError(f"distractor_every must be at least 1, got {self.distractor_every}")
+        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
+            self.monitor, self.monitor_mode, self.patience = "epoch", "max", 0
 
     @classmethod
     def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> ReIDTrainConfig:
@@ -261,6 +273,8 @@ def load_reid_data(config: ReIDTrainConfig, run_dir: str | Path) -> ReIDData:
         data_fingerprint=data.fingerprint,
     )
     train, val = split.partition(data.train)
+    if config.train_all:
+        train = train + val
     # One cache of all training-layout images, shared with the attribute task (same file).
     images = cached_images(
         [s.path for s in data.train],
@@ -369,11 +383,22 @@ class ReIDTask:
             channels_last=channels_last,
         )
         self.is_query = data.query_mask(config.eval_seed)
+        self.epoch = 0
+        self.distractor_images: torch.Tensor | None = None
+        if config.distractors and not config.train_all:
+            paths = list_images(config.distractors)
+            if not paths:
+                raise ValueError(f"{config.distractors}: no images to use as distractors")
+            self.distractor_images = cached_images(
+                paths, config.input_size, config.cache_dir or None, workers=config.workers,
+                progress=config.progress,
+            )  # fmt: skip
 
     # Trainer protocol ------------------------------------------------------------------------------
     def train_batches(self, epoch: int) -> Batches:
         """The sampler's batches for ``epoch``; the order depends on (seed, epoch) only."""
         self.sampler.set_epoch(epoch)
+        self.epoch = epoch
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in self.sampler:
@@ -407,10 +432,38 @@ class ReIDTask:
         return out
 
     def validate(self) -> dict[str, float]:
+        if self.config.train_all:
+            return {"epoch": float(self.epoch)}
         features, embeddings = self.forward_validation()
         metrics = self.evaluate(embeddings)
         metrics["val_loss"] = self.validation_loss(features)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        out = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        cfg = self.config
+        if self.distractor_images is not None and (
+            self.epoch % cfg.distractor_every == 0 or self.epoch == cfg.epochs
+        ):
+            out.update(self.evaluate_distractors(embeddings))
+        return out
+
+    def evaluate_distractors(self, embeddings: torch.Tensor) -> dict[str, float]:
+        """mAP and rank-1, plain and with the service's query expansion, with the distractors added."""
+        assert self.distractor_images is not None
+        extra = embed(self.model, self.distractor_images, self.device, self.config.eval_batch_size)
+        n = len(extra)
+        metrics, _ = evaluate_embeddings(
+            torch.cat([embeddings, extra]),
+            np.concatenate([self.data.val_pids, np.full(n, DISTRACTOR_PID)]),
+            np.concatenate([self.data.val_camids, np.full(n, -1)]),
+            np.concatenate([self.is_query, np.zeros(n, dtype=bool)]),
+            query_expansion=QE_NEIGHBOURS,
+        )
+        qe = metrics["query_expansion"]
+        return {
+            "distractors_mAP": metrics["mAP"],
+            "distractors_rank1": metrics["rank1"],
+            "distractors_qe_mAP": qe["mAP"],
+            "distractors_qe_rank1": qe["rank1"],
+        }
 
     # Validation pieces -----------------------------------------------------------------------------
     @torch.no_grad()
