@@ -12,6 +12,7 @@ from training.evaluation.reid import (
     evaluate_ranking,
     match_threshold,
     split_query_gallery,
+    unlabelled_threshold,
 )
 
 G_PIDS = [1, 2, 1, 3, 1]
@@ -83,6 +84,31 @@ def test_match_threshold_gives_one_percent_false_matches():
     assert 0.98 < thr["threshold"] <= 0.99
     assert thr["false_match_rate"] == pytest.approx(0.01)
     assert thr["true_match_rate"] == pytest.approx(0.5)
+
+
+def _people(n_ids, per_id, dim=32, spread=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, dim))
+    x = np.repeat(centres, per_id, axis=0) + spread * rng.normal(size=(n_ids * per_id, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.repeat(
+        np.arange(n_ids), per_id
+    )
+
+
+def test_unlabelled_threshold_matches_the_labelled_one():
+    feats, pids = _people(300, 8)
+    sim = feats @ feats.T
+    off_diagonal = ~np.eye(len(feats), dtype=bool)
+    labelled = np.quantile(sim[off_diagonal & (pids[:, None] != pids[None, :])], 0.99)
+    est = unlabelled_threshold(feats, queries=600)
+    assert est["pairs"] == 600 * (len(feats) - 600)
+    assert est["false_match_rate"] == pytest.approx(0.01, abs=1e-4)
+    # Same-person pairs (1 in 300) make the estimate slightly strict, never loose by much.
+    assert labelled - 0.01 < est["threshold"] < labelled + 0.05
+    expanded = unlabelled_threshold(feats, queries=600, query_expansion=5)
+    assert expanded["threshold"] != est["threshold"]
+    with pytest.raises(ValueError, match="at least 4"):
+        unlabelled_threshold(feats[:3])
 
 
 def test_split_one_query_per_identity_and_camera():

@@ -46,7 +46,7 @@ from training.data.samplers import PKSampler, TripletSampler
 from training.data.split import Split, resolve_split
 from training.data.transforms import BatchAugment, to_model_input
 from training.engine import Batches
-from training.evaluation.reid import ReIDEvaluator, split_query_gallery
+from training.evaluation.reid import ReIDEvaluator, split_query_gallery, unlabelled_threshold
 from training.losses import batch_hard_triplet_loss, identity_loss, triplet_loss
 
 TRIPLETS = ("report", "batch_hard")
@@ -570,6 +570,15 @@ def write_reid_outputs(
         track_queries=True,
     )
     q, g = last["query"], last["gallery"]
+    if (pids == DISTRACTOR_PID).sum() >= 4:  # for bundles trained on every identity, and to compare
+        crops = embeddings.numpy()[pids == DISTRACTOR_PID]
+        metrics["unlabelled_threshold"] = {
+            "match_threshold": unlabelled_threshold(crops)["threshold"],
+            "match_threshold_expanded": unlabelled_threshold(crops, query_expansion=query_expansion)[
+                "threshold"
+            ],
+            "crops": len(crops),
+        }
     result = {
         eval_set.name: metrics,
         "protocol": {
