@@ -371,6 +371,13 @@ def export(
             "(0 = most accurate, 1 = most balanced); folded into the heads' biases."
         ),
     ] = 0.0,
+    metrics_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Re-ID runs trained with --train-all: the bundle of the same recipe's split run, "
+            "whose validation metrics and thresholds the manifest carries."
+        ),
+    ] = None,
 ) -> None:
     """Write the run's best checkpoint as a bundle: manifest.json, weights.safetensors, model.onnx."""
     from app.bundle import read_manifest
@@ -378,7 +385,13 @@ def export(
 
     try:
         directory = export_run(
-            run_dir, store=store, name=name, half=half, force=force, logit_adjust=logit_adjust
+            run_dir,
+            store=store,
+            name=name,
+            half=half,
+            force=force,
+            logit_adjust=logit_adjust,
+            metrics_from=metrics_from,
         )
     except user_errors() as exc:
         raise fail(str(exc)) from None

@@ -64,10 +64,19 @@ def _adjust_heads(checkpoint: dict[str, Any], saved: dict[str, Any], tau: float)
     return {k: v for k, v in row.items() if k != "tau"}
 
 
-def _reid_fields(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _reid_fields(
+    checkpoint: dict[str, Any], run_dir: Path, metrics_from: Path | None = None
+) -> dict[str, Any]:
+    from app.bundle import read_manifest
     from training.tasks.reid import manifest_fields  # the re-ID task's own code
 
-    return manifest_fields(checkpoint, run_dir)
+    source = read_manifest(metrics_from) if metrics_from is not None else None
+    if source is not None and source.task != "reid":
+        raise ExportError(f"--metrics-from {metrics_from} is a {source.task} bundle, not a re-ID bundle")
+    try:
+        return manifest_fields(checkpoint, run_dir, source)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 MANIFEST_FIELDS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
@@ -94,11 +103,14 @@ def export_run(
     force: bool = False,
     command: str | None = None,
     logit_adjust: float = 0.0,
+    metrics_from: str | Path | None = None,
 ) -> Path:
     """Write ``<store>/<name>/`` (name defaults to the task: ``attributes`` or ``reid``); returns it.
 
     ``logit_adjust`` (attribute runs): fold the decision rule at that tau into the heads' biases, and
     record the validation metrics measured at that tau (``val_metrics.json``'s trade-off table).
+    ``metrics_from`` (re-ID runs trained with ``--train-all``): the bundle of the same recipe's split
+    run, whose validation stands in for the one this run cannot have.
     """
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / BEST)
@@ -113,8 +125,12 @@ def export_run(
     config = checkpoint.get("config", {})
     if logit_adjust and task != "attributes":
         raise ExportError(f"--logit-adjust applies to attribute runs; {run_dir} is a {task!r} run")
+    if metrics_from is not None and task != "reid":
+        raise ExportError(f"--metrics-from applies to re-ID runs; {run_dir} is a {task!r} run")
     if logit_adjust:
         fields = _attribute_fields(checkpoint, run_dir, logit_adjust)
+    elif task == "reid":
+        fields = _reid_fields(checkpoint, run_dir, Path(metrics_from) if metrics_from else None)
     else:
         fields = MANIFEST_FIELDS[task](checkpoint, run_dir)  # may drop training-only parts first
     architecture = checkpoint["architecture"]

@@ -148,6 +148,12 @@ def _print_metrics(val: dict[str, Any]) -> None:
             f"mAP {qe['mAP']:.4f}, "
             f"mINP {qe['mINP']:.4f}; match threshold {qe['match_threshold']:.4f}"
         )
+    if "unlabelled_threshold" in val:
+        est = val["unlabelled_threshold"]
+        typer.echo(
+            f"match threshold estimated on the {est['crops']} distractor crops alone: "
+            f"{est['match_threshold']:.4f}, with query expansion {est['match_threshold_expanded']:.4f}"
+        )
     if "track_queries" in val:
         tr = val["track_queries"]
         typer.echo(
@@ -334,16 +340,46 @@ def record_in_manifest(bundle: Path, results: list[dict[str, Any]]) -> Path:
     by_name = {r["name"]: r["metrics"] for r in results}
     if "validation" not in by_name:
         raise ValueError("--record needs the validation protocol")
+    estimate = next(
+        (m["unlabelled_threshold"] for m in by_name.values() if "unlabelled_threshold" in m), None
+    )
+    if manifest.training_config.get("train_all"):
+        return _record_thresholds(bundle, manifest, estimate)
     scalars = {
         name: {k: v for k, v in m.items() if isinstance(v, int | float)}
         for name, m in by_name.items()
         if name != "validation"
     }
+    if estimate is not None:  # next to the labelled thresholds, to judge the estimate
+        scalars.setdefault("validation_distractors", {})["unlabelled_threshold"] = estimate
     others = {k: v for k, v in by_name.items() if k != "validation"}
     update: dict[str, Any] = {"metrics": {**manifest.metrics, **scalars}}
     if "query_expansion" in by_name["validation"]:
         spec = query_expansion_spec(by_name["validation"], **others)
         update["query_expansion"] = QueryExpansionSpec.model_validate(spec)
+    write_manifest(bundle, manifest.model_copy(update=update))
+    return bundle / MANIFEST
+
+
+def _record_thresholds(bundle: Path, manifest: Any, estimate: dict[str, Any] | None) -> Path:
+    """A bundle trained on every identity keeps its split run's metrics; only its own thresholds,
+    estimated on the distractor crops, are recorded."""
+    from app.bundle import MANIFEST, write_manifest
+
+    if estimate is None:
+        raise ValueError(
+            f"{bundle} was trained on every identity (its validation identities were seen): --record "
+            "needs --distractors, on whose crops its match thresholds are estimated"
+        )
+    source = f"estimated on {estimate['crops']} unlabelled crops (evaluate-reid --distractors)"
+    update: dict[str, Any] = {
+        "match_threshold": estimate["match_threshold"],
+        "metrics": {**manifest.metrics, "match_threshold_source": source},
+    }
+    if manifest.query_expansion is not None:
+        update["query_expansion"] = manifest.query_expansion.model_copy(
+            update={"match_threshold": estimate["match_threshold_expanded"]}
+        )
     write_manifest(bundle, manifest.model_copy(update=update))
     return bundle / MANIFEST
 

@@ -104,6 +104,53 @@ def test_export_evaluate_predict(reid_run, course_root, tmp_path):
     assert all(sorted(r) == sorted(p.name for p in images[3:20]) for r in reranked)
 
 
+def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, course_root, tmp_path):
+    from tests.synthetic import make_course_dataset
+
+    run = tmp_path / "all"
+    result = invoke(
+        "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp_path / "cache",
+        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--train-all", *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "train images of 12 identities" in result.output
+        and "trained on (--train-all)" in (run / "report.md").read_text()
+    )
+    store = tmp_path / "store"
+    refused = invoke("export", run, "--store", store, "--name", "all")
+    assert refused.exit_code == 1 and "--metrics-from" in refused.output
+    assert invoke("export", reid_run, "--store", store, "--name", "split").exit_code == 0
+    result = invoke("export", run, "--store", store, "--name", "all", "--metrics-from", store / "split")
+    assert result.exit_code == 0, result.output
+    split, every = read_manifest(store / "split"), read_manifest(store / "all")
+    assert every.metrics["mAP"] == split.metrics["mAP"] and every.metrics["identities"] == 12
+    assert every.match_threshold == split.match_threshold and "every identity" in every.metrics["trained_on"]
+
+    args = [
+        "evaluate-reid",
+        store / "all",
+        "--data-root",
+        course_root,
+        "--out",
+        tmp_path / "ev",
+        "--no-progress",
+    ]
+    refused = invoke(*args, "--record")
+    assert refused.exit_code == 1 and "needs --distractors" in refused.output
+    make_course_dataset(tmp_path / "other", n_ids=6, images_per_id=4, seed=9)
+    result = invoke(*args, "--record", "--distractors", tmp_path / "other" / "train")
+    assert result.exit_code == 0, result.output
+    assert "estimated on the 24 distractor crops" in result.output
+    recorded = json.loads((tmp_path / "ev" / "validation_distractors_metrics.json").read_text())
+    estimate = recorded["validation_distractors"]["unlabelled_threshold"]
+    again = read_manifest(store / "all")
+    assert again.match_threshold == pytest.approx(estimate["match_threshold"])
+    assert again.query_expansion.match_threshold == pytest.approx(estimate["match_threshold_expanded"])
+    assert again.metrics["mAP"] == split.metrics["mAP"]  # seen identities never overwrite the split's
+    assert "unlabelled crops" in again.metrics["match_threshold_source"]
+
+
 def test_ablation_table(course_root, tmp_path):
     result = invoke(
         "ablation", "--data-root", course_root, "--out", tmp_path / "abl", "--epochs", "1",

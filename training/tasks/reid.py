@@ -633,7 +633,10 @@ def finish_reid_run(task: ReIDTask, run_dir: str | Path, *, rerank: bool = False
     )
     result["best_epoch"] = best["epoch"]
     result["images"] = {"train": len(task.data.train), "val": len(task.data.val)}
-    result["identities"] = {"train": len(task.data.split.train_ids), "val": len(task.data.split.val_ids)}
+    trained = len(set(task.data.train_pids.tolist()))
+    result["identities"] = {"train": trained, "val": len(task.data.split.val_ids)}
+    if task.config.train_all:  # the numbers say how well it fits, not how well it generalises
+        result["protocol"]["description"] += "; these identities were trained on (--train-all)"
     (run_dir / "val_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     history = json.loads((run_dir / METRICS_FILE).read_text())
     plots = run_dir / "plots"
@@ -709,15 +712,40 @@ def reid_report(config: ReIDTrainConfig, result: dict[str, Any], history: list[d
     return "\n".join(lines)
 
 
-def manifest_fields(checkpoint: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+def manifest_fields(
+    checkpoint: dict[str, Any], run_dir: str | Path, metrics_from: Any = None
+) -> dict[str, Any]:
     """Bundle fields of a re-ID run (``training/export.py``): embedding, match threshold, metrics.
 
     The identity classifiers are training-only: this drops them from ``checkpoint`` in place (weights,
     and ``num_classes`` = 0 in its architecture) so the bundle holds the embedding network alone.
+    A ``--train-all`` run has no unseen identities left to measure: its metrics, threshold and query
+    expansion come from ``metrics_from``, the manifest of the same recipe's run on the split, until
+    ``evaluate-reid --distractors --record`` re-estimates the thresholds for these weights.
     """
+    classes = checkpoint["architecture"].get("num_classes")  # the training identities
     checkpoint["architecture"] = {**checkpoint["architecture"], "num_classes": 0}
     checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if ".classifier." not in k}
     dim = 2 * int(checkpoint["model"]["branches.avg.neck.weight"].shape[0])
+    embedding = {"dim": dim, "normalized": True, "distance": "cosine"}
+    if checkpoint.get("config", {}).get("train_all"):
+        if metrics_from is None:
+            raise ValueError(
+                "a --train-all run saw every identity, so it has no validation of its own: pass "
+                "--metrics-from BUNDLE, the bundle of the same recipe trained on the split"
+            )
+        metrics = {
+            **metrics_from.metrics,
+            "best_epoch": checkpoint["epoch"],
+            "trained_on": "every identity (--train-all); validation metrics are the split run's",
+            "metrics_from": f"{metrics_from.name} {metrics_from.version}",
+        }
+        if classes:
+            metrics["identities"] = classes
+        fields = {"embedding": embedding, "match_threshold": metrics_from.match_threshold, "metrics": metrics}
+        if metrics_from.query_expansion is not None:
+            fields["query_expansion"] = metrics_from.query_expansion.model_dump()
+        return fields
     metrics = {k: v for k, v in checkpoint["metrics"].items() if isinstance(v, int | float)}
     final = Path(run_dir) / "val_metrics.json"
     if final.is_file():  # the best epoch re-evaluated after training
@@ -726,7 +754,7 @@ def manifest_fields(checkpoint: dict[str, Any], run_dir: str | Path) -> dict[str
         metrics["protocol"] = saved.get("protocol", {})
     metrics["best_epoch"] = checkpoint["epoch"]
     fields = {
-        "embedding": {"dim": dim, "normalized": True, "distance": "cosine"},
+        "embedding": embedding,
         "match_threshold": metrics.get("match_threshold"),
         "metrics": metrics,
     }
