@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -230,7 +231,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from the package's copies under
+    # /static-offline-docs instead of a CDN, so the docs work on networks without internet access.
+    app = FastAPIOffline(
         title="Person re-identification service",
         version="0.1.0",
         description=DESCRIPTION,
