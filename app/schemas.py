@@ -1,4 +1,8 @@
-"""Request and response bodies of the HTTP API (pydantic), with the examples shown in OpenAPI."""
+"""Request and response bodies of the HTTP API (pydantic), with the examples shown in OpenAPI.
+
+Bodies that report gallery contents validate from the gallery's plain records (``from_attributes``),
+so this module needs nothing from the gallery or the database.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from app.gallery.store import Entry, as_utc
 
 _ATTRS_EXAMPLE = {
     "gender": {"value": "female", "score": 0.97},
@@ -72,6 +74,8 @@ class AttributesResponse(BaseModel):
 class GalleryEntry(BaseModel):
     """An enrolled crop as stored (embedding left out)."""
 
+    model_config = ConfigDict(from_attributes=True)  # from app.gallery's EntryRecord and Enrolled
+
     id: int
     collection: str
     identity: str | None
@@ -84,23 +88,6 @@ class GalleryEntry(BaseModel):
     model_version: str = Field(description="Version of the re-ID bundle that embedded this entry.")
     searchable: bool = Field(description="False when made by a re-ID bundle other than the loaded one.")
     created_at: datetime
-
-    @classmethod
-    def of(cls, entry: Entry, *, model_version: str) -> GalleryEntry:
-        return cls(
-            id=entry.id,
-            collection=entry.collection,
-            identity=entry.identity,
-            camera_id=entry.camera_id,
-            track_id=entry.track_id,
-            captured_at=as_utc(entry.captured_at),
-            metadata=entry.extra or {},
-            attributes={a.attribute: AttributeValue(value=a.value, score=a.score) for a in entry.attributes},
-            image_sha256=entry.image_sha256,
-            model_version=entry.model_version,
-            searchable=entry.model_version == model_version,
-            created_at=as_utc(entry.created_at),
-        )
 
 
 class EnrolledEntry(GalleryEntry):
@@ -211,6 +198,8 @@ class Deleted(BaseModel):
 
 
 class CollectionStats(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # from app.gallery's CollectionCounts
+
     entries: int
     searchable: int
     other_versions: dict[str, int] = Field(description="Entries per re-ID bundle version not loaded now.")
@@ -218,6 +207,7 @@ class CollectionStats(BaseModel):
 
 class GalleryStats(BaseModel):
     model_config = ConfigDict(
+        from_attributes=True,  # from app.gallery's GalleryCounts
         json_schema_extra={
             "examples": [
                 {
@@ -236,7 +226,7 @@ class GalleryStats(BaseModel):
                     },
                 }
             ]
-        }
+        },
     )
 
     model_version: str

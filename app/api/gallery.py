@@ -93,7 +93,7 @@ async def enroll(
         collection=collection,
         created=created,
         existing=len({e.id for e in entries if e.status == "existing"}),
-        entries=entries,
+        entries=entries,  # Enrolled records, validated by attribute
     )
 
 
@@ -113,7 +113,7 @@ def list_entries(
     )
     version = gallery.model_version
     return EntryPage(
-        items=[GalleryEntry.of(e, model_version=version) for e in rows],
+        items=[GalleryEntry.model_validate(store.entry_record(e, model_version=version)) for e in rows],
         total=total,
         limit=limit,
         offset=offset,
@@ -124,12 +124,12 @@ def list_entries(
 @router.get("/stats", response_model=GalleryStats)
 def stats(gallery: GalleryDep) -> GalleryStats:
     """Entry counts per collection; entries of other re-ID bundle versions are counted apart."""
-    return gallery.stats()
+    return GalleryStats.model_validate(gallery.stats())
 
 
 @router.get("/{entry_id}", response_model=GalleryEntry, responses=NOT_FOUND)
 def get_entry(entry: EntryDep, gallery: GalleryDep) -> GalleryEntry:
-    return GalleryEntry.of(entry, model_version=gallery.model_version)
+    return GalleryEntry.model_validate(store.entry_record(entry, model_version=gallery.model_version))
 
 
 @router.delete("/{entry_id}", response_model=Deleted, responses=NOT_FOUND)

@@ -20,8 +20,8 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -32,15 +32,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.gallery import store
 from app.gallery.index import GalleryIndex
-from app.gallery.store import NewEntry, SearchFilters
+from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
 from app.retrieval import expand_queries
-from app.schemas import AttributeValue, CollectionStats, EnrolledEntry, GalleryEntry, GalleryStats
 
 log = logging.getLogger(__name__)
 
 GroupBy = Literal["entry", "identity"]
+EnrollStatus = Literal["created", "existing", "refreshed"]
 
 
 @dataclass
@@ -63,11 +63,44 @@ class EntryFields:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _created(
-    entry_id: int, collection: str, item: NewEntry, version: str, created_at: datetime
-) -> EnrolledEntry:
-    """The response entry of a row just inserted, from the values inserted (no read back)."""
-    return EnrolledEntry(
+@dataclass(frozen=True)
+class Enrolled(EntryRecord):
+    """The result of enrolling one crop: its entry, the crop's position in the request, and whether the
+    entry was created, already there with these bytes, or there but re-embedded with the loaded bundle."""
+
+    index: int
+    status: EnrollStatus
+
+
+@dataclass
+class CollectionCounts:
+    """Entries of one collection: searchable ones, and those of each other re-ID bundle version."""
+
+    entries: int = 0
+    searchable: int = 0
+    other_versions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GalleryCounts:
+    """What ``Gallery.stats`` reports (the fields of the API's ``GalleryStats``)."""
+
+    model_version: str
+    embedding_dim: int
+    entries: int
+    searchable: int
+    excluded_other_versions: dict[str, int]
+    index_size: int
+    collections: dict[str, CollectionCounts]
+
+
+def _enrolled(record: EntryRecord, status: EnrollStatus) -> Enrolled:
+    return Enrolled(**vars(record), index=0, status=status)
+
+
+def _created(entry_id: int, collection: str, item: NewEntry, version: str, created_at: datetime) -> Enrolled:
+    """The result of a row just inserted, from the values inserted (no read back)."""
+    record = EntryRecord(
         id=entry_id,
         collection=collection,
         identity=item.identity,
@@ -75,14 +108,13 @@ def _created(
         track_id=item.track_id,
         captured_at=store.as_utc(store.utc_naive(item.captured_at)),
         metadata=item.metadata,
-        attributes={k: AttributeValue(value=v, score=sc) for k, (v, sc) in item.attributes.items()},
+        attributes={k: {"value": v, "score": sc} for k, (v, sc) in item.attributes.items()},
         image_sha256=item.image_sha256,
         model_version=version,
         searchable=True,
-        created_at=store.as_utc(created_at),
-        index=0,
-        status="created",
+        created_at=created_at.replace(tzinfo=UTC),
     )
+    return _enrolled(record, "created")
 
 
 class Gallery:
@@ -172,7 +204,7 @@ class Gallery:
             for i, crop in enumerate(crops)
         }
 
-    def enroll(self, *, collection: str, crops: Sequence[Crop], fields: EntryFields) -> list[EnrolledEntry]:
+    def enroll(self, *, collection: str, crops: Sequence[Crop], fields: EntryFields) -> list[Enrolled]:
         """Enroll crops (idempotent per image sha256 and collection); one result per crop, in order."""
         version = self.model_version
         first: dict[str, Crop] = {}
@@ -189,7 +221,7 @@ class Gallery:
             except IntegrityError:  # another process enrolled the same bytes at the same moment
                 if attempt == 2:
                     raise
-        return [results[crop.sha256].model_copy(update={"index": crop.index}) for crop in crops]
+        return [replace(results[crop.sha256], index=crop.index) for crop in crops]
 
     def _write_enrollment(
         self,
@@ -197,7 +229,7 @@ class Gallery:
         first: dict[str, Crop],
         computed: dict[str, NewEntry],
         fields: EntryFields,
-    ) -> dict[str, EnrolledEntry]:
+    ) -> dict[str, Enrolled]:
         version = self.model_version
         attribute_version = self.models.attributes.version
         with self._write_lock:
@@ -221,13 +253,12 @@ class Gallery:
                 }
                 changed = [(entry_id, computed[d].embedding) for d, entry_id in zip(new, ids, strict=True)]
                 for digest, entry in known.items():
-                    status: Literal["existing", "refreshed"] = "existing"
+                    status: EnrollStatus = "existing"
                     if entry.model_version != version:
                         store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
                         changed.append((entry.id, computed[digest].embedding))
                         status = "refreshed"
-                    gallery_entry = GalleryEntry.of(entry, model_version=version).model_dump()
-                    results[digest] = EnrolledEntry(**gallery_entry, index=0, status=status)
+                    results[digest] = _enrolled(store.entry_record(entry, model_version=version), status)
             # Committed: only now does the index see the new rows.
             if changed:
                 entry_ids, vectors = zip(*changed, strict=True)
@@ -356,21 +387,22 @@ class Gallery:
 
     # -- reporting ----------------------------------------------------------------------------------
 
-    def stats(self) -> GalleryStats:
+    def stats(self) -> GalleryCounts:
+        """Entry counts per collection and in all; entries of other re-ID bundle versions apart."""
         version = self.model_version
         with self.sessions() as session:
             rows = store.counts(session)
-        collections: dict[str, CollectionStats] = {}
+        collections: dict[str, CollectionCounts] = {}
         others: dict[str, int] = {}
         for name, model_version, n in rows:
-            c = collections.setdefault(name, CollectionStats(entries=0, searchable=0, other_versions={}))
+            c = collections.setdefault(name, CollectionCounts())
             c.entries += n
             if model_version == version:
                 c.searchable += n
             else:
                 c.other_versions[model_version] = c.other_versions.get(model_version, 0) + n
                 others[model_version] = others.get(model_version, 0) + n
-        return GalleryStats(
+        return GalleryCounts(
             model_version=version,
             embedding_dim=self.models.reid.dim,
             entries=sum(c.entries for c in collections.values()),

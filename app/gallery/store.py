@@ -139,6 +139,7 @@ def utc_naive(moment: datetime | None) -> datetime | None:
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
+    """A stored naive-UTC time as an aware one (what the API shows)."""
     return None if moment is None else moment.replace(tzinfo=UTC)
 
 
@@ -343,6 +344,43 @@ def match_rows(session: Session, *, ids: Sequence[int]) -> dict[int, dict[str, A
             "attributes": attributes or {},
         }
     return rows
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """An entry as plain values, the fields of the API's ``GalleryEntry``: times aware UTC, attributes
+    {group: {value, score}}, no embedding. Built inside the session, it can be used after it closes."""
+
+    id: int
+    collection: str
+    identity: str | None
+    camera_id: str | None
+    track_id: str | None
+    captured_at: datetime | None
+    metadata: dict[str, Any]
+    attributes: dict[str, dict[str, Any]]
+    image_sha256: str
+    model_version: str
+    searchable: bool  # made by the loaded re-ID bundle, so in the index
+    created_at: datetime
+
+
+def entry_record(entry: Entry, *, model_version: str) -> EntryRecord:
+    """``entry`` as plain values; ``model_version`` is the loaded re-ID bundle's (searchable entries)."""
+    return EntryRecord(
+        id=entry.id,
+        collection=entry.collection,
+        identity=entry.identity,
+        camera_id=entry.camera_id,
+        track_id=entry.track_id,
+        captured_at=as_utc(entry.captured_at),
+        metadata=entry.extra or {},
+        attributes={a.attribute: {"value": a.value, "score": a.score} for a in entry.attributes},
+        image_sha256=entry.image_sha256,
+        model_version=entry.model_version,
+        searchable=entry.model_version == model_version,
+        created_at=entry.created_at.replace(tzinfo=UTC),
+    )
 
 
 def identity_entry_ids(session: Session, *, collection: str, identity: str) -> list[int]:
