@@ -1,0 +1,242 @@
+"""The attribute commands of ``reid-train``: train-attributes, evaluate-attributes, predict-attributes."""
+
+from __future__ import annotations
+
+import csv
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from training.cli.options import (
+    DataRoot,
+    fail,
+    parse_size,
+    parse_steps,
+    prepare_config,
+    require_data_root,
+    resolve_init_weights,
+    user_errors,
+)
+
+
+def train_attributes(
+    data_root: DataRoot = None,
+    layout: Annotated[str | None, typer.Option(help="auto | course | original")] = None,
+    backbone: Annotated[str | None, typer.Option(help="resnet50 | mobilenet_v2 | osnet_x0_25")] = None,
+    init_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="State-dict file, 'imagenet' (torchvision download), 'none', or a re-ID bundle folder "
+            "(its backbone: e.g. --backbone osnet_x0_25 --init-weights models_store/reid)."
+        ),
+    ] = None,
+    input_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH, default 256x128.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs (default 100).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Default 128.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Default 5e-4.")] = None,
+    lr_steps: Annotated[
+        str | None, typer.Option(help="Epochs at which the lr is divided by 10, e.g. 8,12 (default none).")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Early stop after N epochs without improving --monitor.")
+    ] = None,
+    monitor: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation value that picks the best epoch and drives early stopping: val_loss "
+            "(the report's, default), mean_accuracy or mA (maximised)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    workers: Annotated[int | None, typer.Option(help="Threads for decoding images into the cache.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch CPU threads (default: one per core; 1 is faster on a busy machine)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/attributes-<time>).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted run in --run-dir.")
+    ] = False,
+    split_file: Annotated[
+        Path | None, typer.Option(help="Split JSON to reuse (written there if missing).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the split, init and shuffling (default 0).")
+    ] = None,
+    limit_ids: Annotated[int | None, typer.Option(help="Train on this many identities (quick runs).")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Decoded-image cache folder (default ./cache).")
+    ] = None,
+    class_weights: Annotated[
+        str | None,
+        typer.Option(help="majority (the report's: majority count / class count) | sqrt (its root) | none"),
+    ] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars.")] = None,
+) -> None:
+    """Train the 12-head attribute classifier; writes the run directory (config, metrics, best.pt, plots)."""
+    from app.schema import ATTRIBUTE_GROUPS  # noqa: F401  (fail early if app/ is missing)
+    from training.config import AttributeTrainConfig
+    from training.engine import Trainer, keep_freed_memory, seed_everything
+    from training.tasks.attributes import AttributeTask, finish_attribute_run, load_attribute_data
+
+    options = {
+        "data_root": str(data_root) if data_root else None,
+        "layout": layout,
+        "backbone": backbone,
+        "init_weights": (
+            resolve_init_weights(init_weights, bundles=True) if init_weights is not None else None
+        ),
+        "input_size": parse_size(input_size) if input_size else None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "lr_steps": parse_steps(lr_steps) if lr_steps is not None else None,
+        "patience": patience,
+        "monitor": monitor,
+        "monitor_mode": (None if monitor is None else "min" if monitor.endswith("loss") else "max"),
+        "device": device,
+        "workers": workers,
+        "threads": threads,
+        "split_file": str(split_file) if split_file else None,
+        "seed": seed,
+        "limit_ids": limit_ids,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        "class_weights": class_weights,
+        "progress": progress,
+    }
+    try:
+        if not resume:
+            require_data_root(data_root)
+            run_dir = run_dir or Path("runs") / f"attributes-{datetime.now():%Y%m%d-%H%M%S}"
+        config = prepare_config(AttributeTrainConfig, options, run_dir, resume)
+        run_dir = Path(config.run_dir)
+        trainer = Trainer(config, run_dir)
+        if trainer.device.type == "cpu":
+            keep_freed_memory()
+        typer.echo(f"run {run_dir} on {trainer.device} ({trainer.precision})", err=True)
+        seed_everything(config.seed)
+        data = load_attribute_data(config, run_dir)
+        typer.echo(
+            f"data {config.layout} layout: {len(data.train)} train / {len(data.val)} val images, "
+            f"{len(data.split.train_ids)} / {len(data.split.val_ids)} identities",
+            err=True,
+        )
+        task = AttributeTask(config, data, device=trainer.device, channels_last=trainer.channels_last)
+        result = trainer.fit(task, resume=resume)
+        final = finish_attribute_run(task, run_dir)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    val = final["validation"]
+    typer.echo(
+        f"best epoch {result.best_epoch}: val_loss {val['val_loss']:.4f}, mean accuracy "
+        f"{val['mean_accuracy']:.4f}, mA {val['mA']:.4f}, instance F1 {val['instance_f1']:.4f}"
+    )
+    typer.echo(f"report: {run_dir / 'report.md'}\nexport: reid-train export {run_dir}")
+
+
+def evaluate_attributes(
+    run_dir: Annotated[Path, typer.Argument(help="An attribute run directory (with best.pt).")],
+    data_root: DataRoot = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Decoded-image cache folder.")] = None,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: one per core).")] = 0,
+) -> None:
+    """Re-evaluate a run's best checkpoint on its validation split: rewrites val_metrics.json (with the
+    logit-adjustment trade-off), the plots and report.md, as at the end of training."""
+    from training.config import AttributeTrainConfig
+    from training.engine import CONFIG_FILE, keep_freed_memory
+    from training.tasks.attributes import (
+        AttributeTask,
+        build_attribute_net,
+        finish_attribute_run,
+        load_attribute_data,
+    )
+
+    keep_freed_memory()
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        config = AttributeTrainConfig.load(run_dir / CONFIG_FILE)
+        overrides = {"data_root": str(data_root)} if data_root else {}
+        if cache_dir:
+            overrides["cache_dir"] = str(cache_dir)
+        config = config.replace(progress=False, **overrides)
+        data = load_attribute_data(config, run_dir)
+        # The weights come from best.pt, so the network starts empty (no init download or bundle).
+        empty = build_attribute_net(config.replace(init_weights=None))
+        task = AttributeTask(config, data, model=empty)
+        final = finish_attribute_run(task, run_dir)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    val = final["validation"]
+    typer.echo(f"epoch {final['best_epoch']}: mean accuracy {val['mean_accuracy']:.4f}, mA {val['mA']:.4f}")
+    for row in final["logit_adjustment"]["tradeoff"]:
+        typer.echo(
+            f"  logit adjustment tau {row['tau']:g}: "
+            f"mean accuracy {row['mean_accuracy']:.4f}, mA {row['mA']:.4f}"
+        )
+    typer.echo(f"report: {run_dir / 'report.md'}")
+
+
+def predict_attributes(
+    bundle: Annotated[Path, typer.Option(help="Attribute bundle directory.")],
+    images: Annotated[Path, typer.Option(help="Folder of images (jpg/png).")],
+    out: Annotated[Path, typer.Option(help="CSV to write, in annotations_train.csv's format.")],
+    batch_size: int = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: one per core).")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Predict the attributes of every image of a folder; one CSV row per image, id = file name."""
+    from training.batch_inference import open_bundle
+    from training.data.market import list_images
+
+    try:
+        manifest, model = open_bundle(bundle, "attributes", threads)
+        paths = list_images(images)
+        started = time.perf_counter()
+        count = write_predictions(
+            model, paths, out, manifest.input_size, batch_size, device, workers, progress
+        )
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    seconds = time.perf_counter() - started
+    typer.echo(f"{out}: {count} rows in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")
+
+
+def write_predictions(
+    model: Any,
+    paths: list[Path],
+    out: Path,
+    size: tuple[int, int],
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 2,
+    progress: bool = True,
+) -> int:
+    """Decode (threads, one batch ahead) and classify ``paths``; write the CSV; return the row count."""
+    from app.schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, row_from_labels
+    from training.batch_inference import model_inputs
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        inputs = model_inputs(
+            model, paths, size, batch_size=batch_size, device=device, workers=workers, progress=progress
+        )
+        for net, batch, x in inputs:
+            logits = net(x)
+            preds = {g.name: logits[g.name].argmax(1).tolist() for g in ATTRIBUTE_GROUPS}
+            for i, path in enumerate(batch):
+                writer.writerow(row_from_labels({name: p[i] for name, p in preds.items()}, path.name))
+    return len(paths)

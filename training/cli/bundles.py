@@ -1,0 +1,77 @@
+"""The bundle commands of ``reid-train``, for either task: export (run -> bundle) and add-onnx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli.options import fail, user_errors
+
+
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished (or interrupted) run directory.")],
+    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
+    name: Annotated[
+        str | None, typer.Option(help="Bundle name (default: the task, 'attributes' or 'reid').")
+    ] = None,
+    half: Annotated[bool, typer.Option("--half", help="Store the weights in float16.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    logit_adjust: Annotated[
+        float,
+        typer.Option(
+            help="Attribute runs: logit adjustment tau, one of the run's report.md trade-off table "
+            "(0 = most accurate, 1 = most balanced); folded into the heads' biases."
+        ),
+    ] = 0.0,
+    metrics_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Re-ID runs trained with --train-all: the bundle of the same recipe's split run, "
+            "whose validation metrics and thresholds the manifest carries."
+        ),
+    ] = None,
+) -> None:
+    """Write the run's best checkpoint as a bundle: manifest.json, weights.safetensors, model.onnx."""
+    from app.bundle import read_manifest
+    from training.export import export_run
+
+    try:
+        directory = export_run(
+            run_dir,
+            store=store,
+            name=name,
+            half=half,
+            force=force,
+            logit_adjust=logit_adjust,
+            metrics_from=metrics_from,
+        )
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    manifest = read_manifest(directory)
+    typer.echo(f"{directory}: {manifest.task} bundle, {manifest.backbone}, version {manifest.version}")
+    if manifest.onnx:
+        typer.echo(f"  ONNX graph {manifest.onnx.file}: max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}")
+
+
+def add_onnx(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle directories (e.g. models_store/reid).")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).", min=17)] = 18,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest |onnx - torch| accepted on the check batch.")
+    ] = 1e-4,
+) -> None:
+    """Add (or replace) the ONNX graph of existing bundles, from their own weights; no retraining."""
+    from training.onnx_export import add_onnx as write_graph
+
+    for bundle in bundles:
+        try:
+            manifest = write_graph(bundle, opset=opset, tolerance=tolerance)
+        except user_errors() as exc:
+            raise fail(str(exc)) from None
+        assert manifest.onnx is not None
+        typer.echo(
+            f"{bundle / manifest.onnx.file}: opset {opset}, outputs {len(manifest.onnx.outputs)}, "
+            f"max |onnx - torch| {manifest.onnx.max_abs_diff:.2g} on {manifest.onnx.check_batch} crops"
+        )
