@@ -13,6 +13,16 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SQLITE_FILE = "gallery.sqlite3"
+LOCAL_MODELS_DIR = Path("models_store")
+# The bundles shipped with the package sit beside app/: in a checkout (so also in an editable install)
+# and in site-packages, where the wheel puts models_store/ (pyproject's package data).
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models_store"
+
+
+def default_models_dir() -> Path:
+    """``./models_store`` when the current directory has one (where ``reid-train export`` writes), else
+    the bundles shipped with the package."""
+    return LOCAL_MODELS_DIR if LOCAL_MODELS_DIR.is_dir() else SHIPPED_MODELS_DIR
 
 
 class Settings(BaseSettings):
@@ -22,8 +32,9 @@ class Settings(BaseSettings):
 
     # Models
     models_dir: Path = Field(
-        default=Path("models_store"),
-        description="Folder holding the 'attributes' and 'reid' bundles (used when the two below are unset).",
+        default_factory=default_models_dir,
+        description="Folder holding the 'attributes' and 'reid' bundles (used when the two below are unset); "
+        "default ./models_store if present, else the bundles shipped with the package.",
     )
     attribute_bundle: Path | None = Field(
         default=None, description="Attribute bundle directory; default <models_dir>/attributes."

@@ -16,8 +16,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.main import create_app, serve
-from app.settings import Settings
+from app.main import create_app, preflight, serve
+from app.settings import SHIPPED_MODELS_DIR, Settings
 from tests.service.helpers import crop, enroll, files, query
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +42,7 @@ def free_port() -> int:
 
 def test_defaults_need_no_configuration(monkeypatch):
     clear_reid_env(monkeypatch)
+    monkeypatch.chdir(ROOT)  # a directory holding models_store/: that one is used, as given
     settings = Settings()
     assert settings.attribute_bundle_dir == Path("models_store/attributes")
     assert settings.reid_bundle_dir == Path("models_store/reid")
@@ -55,9 +56,27 @@ def test_defaults_need_no_configuration(monkeypatch):
     assert settings.key_bytes() == [b"a", b"b"]
 
 
+def test_shipped_bundles_are_found_from_any_directory(monkeypatch, tmp_path, bundles):
+    """`reid-serve` outside the checkout (no ./models_store) uses the bundles shipped with the package;
+    REID_MODELS_DIR and the per-bundle variables still win."""
+    clear_reid_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    settings = Settings()
+    assert SHIPPED_MODELS_DIR == ROOT / "models_store"  # beside app/, as the wheel installs it
+    assert settings.attribute_bundle_dir == ROOT / "models_store" / "attributes"
+    assert settings.reid_bundle_dir == ROOT / "models_store" / "reid"
+    assert preflight(settings) is None
+    monkeypatch.setenv("REID_ATTRIBUTE_BUNDLE", str(bundles.attributes))
+    assert Settings().attribute_bundle_dir == bundles.attributes
+    assert Settings().reid_bundle_dir == ROOT / "models_store" / "reid"
+    monkeypatch.setenv("REID_MODELS_DIR", str(bundles.reid.parent))
+    assert Settings().reid_bundle_dir == bundles.reid
+
+
 def test_missing_bundles_fail_fast_with_one_line(monkeypatch, tmp_path, bundles):
     clear_reid_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REID_MODELS_DIR", "models_store")  # absent here (unset: the shipped bundles)
     with pytest.raises(SystemExit) as exc:
         serve([])
     message = str(exc.value.code)
@@ -101,6 +120,7 @@ def test_cuda_without_a_device_fails_fast(monkeypatch, bundles):
 
 def test_reid_serve_without_bundles_prints_one_line(tmp_path, monkeypatch):
     clear_reid_env(monkeypatch)
+    monkeypatch.setenv("REID_MODELS_DIR", str(tmp_path / "models_store"))  # absent
     result = subprocess.run(reid_serve(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
