@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from app.attribute_schema import schema_as_dict
 from app.bundle import BundleError, Manifest, read_manifest
 from app.preprocess import images_to_batch
 from app.runtimes import Runtime, RuntimeName, open_runtime
-from app.schema import schema_as_dict
 
 # (task, seconds, crops) after each forward pass; the app points this at its Prometheus metrics.
 InferenceObserver = Callable[[str, float, int], None]

@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.attribute_schema import ATTRIBUTE_GROUPS  # noqa: E402
 from app.nets.attributes import AttributeNet, AttributeNetConfig  # noqa: E402
 from app.nets.bundles import load_bundle  # noqa: E402
-from app.schema import ATTRIBUTE_GROUPS  # noqa: E402
 from training.config import AttributeTrainConfig  # noqa: E402
 from training.data.transforms import to_model_input  # noqa: E402
 from training.evaluation.attributes import AttributeEvaluator  # noqa: E402

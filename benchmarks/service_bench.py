@@ -62,12 +62,12 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.attribute_schema import schema_as_dict  # noqa: E402
 from app.bundle import EmbeddingSpec, Manifest, read_manifest  # noqa: E402
 from app.gallery import store  # noqa: E402
 from app.gallery.index import GalleryIndex  # noqa: E402
 from app.inference import Models  # noqa: E402
 from app.preprocess import decode_image, images_to_batch  # noqa: E402
-from app.schema import schema_as_dict  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from tests.synthetic import make_identities, render  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, Labels, row_from_labels
+from app.attribute_schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, Labels, row_from_labels
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),

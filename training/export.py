@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from app.attribute_schema import schema_as_dict
 from app.bundle import Manifest
 from app.nets.bundles import build_network, load_bundle, save_bundle
-from app.schema import schema_as_dict
 from training.engine import BEST, COMMANDS_FILE, load_checkpoint
 from training.onnx_export import add_onnx
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from app.api import attributes, gallery, health, metrics, models, reid
-from app.schemas import Problem
+from app.api.bodies import Problem
 from app.security import require_api_key
 
 UNAUTHORIZED = {401: {"model": Problem, "description": "Missing or invalid X-API-Key."}}

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Request, UploadFile
 
+from app.api.bodies import AttributesResponse, AttributeValue, CropAttributes, ModelRef, Problem
 from app.api.uploads import decode_images, offload, read_images
 from app.deps import ModelsDep, SettingsDep
 from app.inference import AttributeModel
-from app.schemas import AttributesResponse, AttributeValue, CropAttributes, ModelRef, Problem
 
 router = APIRouter(prefix="/attributes", tags=["attributes"])
 

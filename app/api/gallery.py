@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
 
+from app.api.bodies import Deleted, EnrollResponse, EntryPage, GalleryEntry, GalleryStats, Problem
 from app.api.uploads import decode_crops, offload, read_images
 from app.deps import NO_NUL, EntryDep, EntryId, GalleryDep, SessionDep, SettingsDep
 from app.gallery import store
 from app.gallery.gallery import EntryFields
-from app.schemas import Deleted, EnrollResponse, EntryPage, GalleryEntry, GalleryStats, Problem
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 

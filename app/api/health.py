@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.schemas import Health
+from app.api.bodies import Health
 
 router = APIRouter(tags=["service"])
 

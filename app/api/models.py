@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.bodies import ModelsResponse
 from app.deps import ModelsDep
-from app.schemas import ModelsResponse
 
 router = APIRouter(prefix="/models", tags=["service"])
 

@@ -8,11 +8,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from pydantic_core import to_json
 
+from app.api.bodies import Problem, QueryResponse
 from app.api.uploads import decode_images, offload, read_images
 from app.deps import NO_NUL, GalleryDep, ModelsDep, SettingsDep
 from app.gallery.store import SearchFilters
 from app.inference import AttributeModel
-from app.schemas import Problem, QueryResponse
 
 router = APIRouter(prefix="/reid", tags=["reid"])
 

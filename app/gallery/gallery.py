@@ -316,7 +316,7 @@ class Gallery:
         the entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
         query, judged by the threshold validated for them.
 
-        Matches are plain dicts with the fields of ``app.schemas.Match``: the API serialises them in one
+        Matches are plain dicts with the fields of ``app.api.bodies.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
         """
         start = time.perf_counter()

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from app.attribute_schema import ATTRIBUTE_GROUPS
 from app.nets.backbones import build_backbone
 from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from app.schema import ATTRIBUTE_GROUPS
 
 
 def _default_heads() -> dict[str, int]:

@@ -21,13 +21,13 @@ from PIL import Image
 from sqlalchemy import create_engine
 from torch import nn
 
+from app.attribute_schema import schema_as_dict
 from app.bundle import EmbeddingSpec, Manifest
 from app.gallery.store import drop_schema
 from app.nets.attributes import AttributeNet, AttributeNetConfig
 from app.nets.bundles import save_bundle
 from app.nets.reid import ReIDNet, ReIDNetConfig
 from app.preprocess import images_to_batch
-from app.schema import schema_as_dict
 from app.settings import Settings
 from tests.synthetic import SyntheticIdentity, make_identities, render
 from training.onnx_export import add_onnx

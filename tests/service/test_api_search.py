@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.bodies import QueryResponse
 from app.main import create_app
-from app.schemas import QueryResponse
 from tests.service.helpers import (
     DATABASES,
     MATCH_THRESHOLD,

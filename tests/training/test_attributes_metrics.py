@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.schema import ATTRIBUTE_GROUPS
+from app.attribute_schema import ATTRIBUTE_GROUPS
 from training.evaluation.attributes import (
     AttributeEvaluator,
     balanced_accuracy,

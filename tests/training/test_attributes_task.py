@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from app.attribute_schema import ATTRIBUTE_GROUPS
 from app.nets import backbones
-from app.schema import ATTRIBUTE_GROUPS
 from tests.synthetic import make_course_dataset
 from training.config import AttributeTrainConfig
 from training.engine import Trainer, seed_everything

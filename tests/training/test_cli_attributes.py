@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from app.schema import CSV_COLUMNS
+from app.attribute_schema import CSV_COLUMNS
 from training.cli import app
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.schema import ATTRIBUTE_GROUPS
+from app.attribute_schema import ATTRIBUTE_GROUPS
 from tests.synthetic import make_course_dataset
 from training.data.market import (
     DataError,

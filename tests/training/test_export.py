@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from app.attribute_schema import ATTRIBUTE_GROUPS
 from app.bundle import read_manifest
 from app.nets.bundles import load_bundle
-from app.schema import ATTRIBUTE_GROUPS
 from training.engine import BEST, load_checkpoint
 from training.export import ExportError, export_run
 from training.tasks.attributes import GROUP_NAMES

@@ -1,4 +1,5 @@
-"""app/ never imports training/; training/ runs without the service's dependencies."""
+"""app/ never imports training/; training/ runs without the service's dependencies; inside app/, imports
+run from the API layer down, never up into it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_ONLY = ("fastapi", "faiss", "sqlalchemy", "pydantic_settings", "uvicorn", "multipart")
 ALLOWED_APP = (
-    "app.schema",
+    "app.attribute_schema",
     "app.nets",
     "app.bundle",
     "app.preprocess",
@@ -37,6 +38,19 @@ def test_app_never_imports_training():
         if name == "training" or name.startswith("training.")
     ]
     assert offenders == []
+
+
+def test_only_main_imports_the_api_layer_and_the_bodies_import_nothing_of_app():
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / "app").rglob("*.py"))
+        if path.parent != ROOT / "app" / "api" and path != ROOT / "app" / "main.py"
+        for name in imported_modules(path)
+        if name == "app.api" or name.startswith("app.api.")
+    ]
+    assert offenders == []
+    bodies = imported_modules(ROOT / "app" / "api" / "bodies.py")
+    assert [name for name in bodies if name == "app" or name.startswith("app.")] == []
 
 
 def test_training_imports_only_the_shared_part_of_app():

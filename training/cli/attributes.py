@@ -80,7 +80,7 @@ def train_attributes(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars.")] = None,
 ) -> None:
     """Train the 12-head attribute classifier; writes the run directory (config, metrics, best.pt, plots)."""
-    from app.schema import ATTRIBUTE_GROUPS  # noqa: F401  (fail early if app/ is missing)
+    from app.attribute_schema import ATTRIBUTE_GROUPS  # noqa: F401  (fail early if app/ is missing)
     from training.config import AttributeTrainConfig
     from training.engine import Trainer, keep_freed_memory, seed_everything
     from training.tasks.attributes import AttributeTask, finish_attribute_run, load_attribute_data
@@ -224,7 +224,7 @@ def write_predictions(
     progress: bool = True,
 ) -> int:
     """Decode (threads, one batch ahead) and classify ``paths``; write the CSV; return the row count."""
-    from app.schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, row_from_labels
+    from app.attribute_schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, row_from_labels
     from training.batch_inference import model_inputs
 
     out.parent.mkdir(parents=True, exist_ok=True)

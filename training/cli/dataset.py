@@ -60,7 +60,7 @@ def data_stats(
     out.mkdir(parents=True, exist_ok=True)
     (out / "class_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
     plot_class_balance(counts, out / "class_balance.png", unit=f"{len(data.train_ids)} identities")
-    from app.schema import GROUPS_BY_NAME
+    from app.attribute_schema import GROUPS_BY_NAME
 
     typer.echo(f"{data.layout} layout: {len(data.train)} images, {len(data.train_ids)} identities")
     for name, values in counts.items():

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.schema import CSV_COLUMNS, AnnotationError, Labels, labels_from_row
+from app.attribute_schema import CSV_COLUMNS, AnnotationError, Labels, labels_from_row
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 COURSE_NAME = re.compile(r"^(\d+)_c(\d+)_(\d+)$")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from app.schema import ATTRIBUTE_GROUPS, Labels
+from app.attribute_schema import ATTRIBUTE_GROUPS, Labels
 
 S = TypeVar("S")
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from app.schema import ATTRIBUTE_GROUPS, AttributeGroup
+from app.attribute_schema import ATTRIBUTE_GROUPS, AttributeGroup
 
 CONFUSION_GROUPS = ("age", "upper_colour", "lower_colour")
 

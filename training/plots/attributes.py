@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from app.schema import ATTRIBUTE_GROUPS
+from app.attribute_schema import ATTRIBUTE_GROUPS
 
 
 def plot_class_balance(

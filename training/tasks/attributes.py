@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from app.attribute_schema import ATTRIBUTE_GROUPS, Labels
 from app.nets.attributes import AttributeNet, AttributeNetConfig
-from app.schema import ATTRIBUTE_GROUPS, Labels
 from training.config import AttributeTrainConfig
 from training.data.cache import cached_images
 from training.data.market import MarketData, Sample, load_market
