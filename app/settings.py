@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 SQLITE_FILE = "gallery.sqlite3"
 LOCAL_MODELS_DIR = Path("models_store")
@@ -50,6 +52,11 @@ class Settings(BaseSettings):
         repr=False,  # may hold a password
         description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@host/db; "
         f"default sqlite:///<data_dir>/{SQLITE_FILE}.",
+    )
+    database_password_file: Path | None = Field(
+        default=None,
+        description="File holding the password for database_url when the URL has none (docker-compose's "
+        "generated one); trailing newlines are dropped. A password in the URL wins.",
     )
 
     # Security
@@ -128,6 +135,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("database_password_file", mode="before")
+    @classmethod
+    def _unset_password_file(cls, value: object) -> object:
+        # Empty means unset (a .env line `REID_DATABASE_PASSWORD_FILE=`), not the current directory.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -141,6 +156,26 @@ class Settings(BaseSettings):
             self.attribute_bundle = self.models_dir / "attributes"
         if self.reid_bundle is None:
             self.reid_bundle = self.models_dir / "reid"
+        return self
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> Settings:
+        # A file, not the environment: a password in REID_DATABASE_URL shows in `docker inspect`.
+        if not (self.database_url and self.database_password_file):
+            return self
+        try:
+            url = make_url(self.database_url)
+        except (ArgumentError, ValueError):
+            return self  # preflight names the bad URL
+        if url.password is not None:
+            return self
+        try:
+            password = self.database_password_file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read REID_DATABASE_PASSWORD_FILE: {exc}") from exc
+        if not password:
+            raise ValueError(f"REID_DATABASE_PASSWORD_FILE {self.database_password_file} is empty")
+        self.database_url = url.set(password=password).render_as_string(hide_password=False)
         return self
 
     @property
