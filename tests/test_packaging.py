@@ -50,7 +50,8 @@ def test_built_wheel_contains_the_bundles(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
     assert "app/settings.py" in names
     for name in SHIPPED:
         assert {f"models_store/{f}" for f in bundle_files(name)} <= names, name
