@@ -122,8 +122,9 @@ note "image contents" "no torch; $(tail -1 "$WORK/contents.txt"); user $(docker 
 
 STAGE="test crops"
 # Synthetic pedestrian crops (tests/synthetic.py), drawn inside the image (numpy, Pillow and
-# app.attribute_schema are there): one per identity from camera 1 to enroll, one from camera 2 as a second view. The module and a
-# driver go in on stdin, a tar of JPEGs comes out on stdout: no bind mount, no host Python packages.
+# app.attribute_schema are there): one per identity from camera 1 to enroll, one from camera 2 as a second
+# view. The module and a driver go in on stdin, a tar of JPEGs comes out on stdout: no bind mount, no host
+# Python packages.
 mkdir -p "$WORK/crops"
 { cat tests/synthetic.py; cat <<'EOF'
 
