@@ -67,7 +67,7 @@ async def enroll(
     captured_at: Annotated[
         datetime | None, Form(description="ISO 8601; without a zone it means UTC.")
     ] = None,
-    track_id: Annotated[str | None, Form(max_length=128)] = None,
+    track_id: Annotated[str | None, Form(max_length=128, pattern=NO_NUL)] = None,
     metadata: Annotated[str | None, Form(description='A JSON object, e.g. {"site": "north gate"}.')] = None,
     collection: Annotated[str, Form(pattern=COLLECTION)] = "default",
 ) -> EnrollResponse:
