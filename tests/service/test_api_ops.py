@@ -10,13 +10,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.service.helpers import crop, enroll, files, make_settings, sqlite_url
+from tests.service.helpers import DATABASES, crop, database_for, enroll, files, make_settings, sqlite_url
 
 
-@pytest.fixture(scope="module")
-def client(bundles, tmp_path_factory):
+@pytest.fixture(scope="module", params=DATABASES)
+def client(request, bundles, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ops")
-    with TestClient(create_app(make_settings(bundles, tmp / "data", database_url=sqlite_url(tmp)))) as c:
+    settings = make_settings(bundles, tmp / "data", database_url=database_for(request.param, tmp))
+    with TestClient(create_app(settings)) as c:
         yield c
 
 
