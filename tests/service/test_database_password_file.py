@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 
 from app.main import preflight, serve
 from app.settings import Settings
-from tests.service.helpers import POSTGRES_URL, Bundles
+from tests.service.helpers import Bundles, postgres_url
 
 
 @pytest.fixture(autouse=True)
@@ -62,9 +62,7 @@ def test_missing_or_empty_file_fails_fast_with_one_line(monkeypatch, tmp_path, c
 
 @pytest.mark.postgres
 def test_connects_with_the_password_from_the_file(monkeypatch, tmp_path, bundles: Bundles):
-    if not POSTGRES_URL:
-        pytest.skip("REID_TEST_POSTGRES_URL is not set; `source .ci/postgres.sh` starts a server and sets it")
-    url = make_url(POSTGRES_URL)
+    url = make_url(postgres_url())
     assert url.password, "the test server's URL has a password"
     secret = tmp_path / "postgres-password"
     secret.write_text(f"{url.password}\n")
