@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -104,6 +105,9 @@ class _Model:
         }
 
 
+M = TypeVar("M", bound=_Model)
+
+
 class AttributeModel(_Model):
     """The attribute bundle: per crop, each group's most probable class and its probability."""
 
@@ -116,16 +120,18 @@ class AttributeModel(_Model):
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         heads = [o.shape[-1] for o in outputs]
-        if heads != [len(classes) for classes in self.groups.values()]:
+        expected = [len(classes) for classes in self.groups.values()]
+        if heads != expected:
             raise BundleError(
-                f"{self.manifest.name}: attribute schema ({len(self.groups)} groups) does not match the "
+                f"attribute schema ({len(expected)} groups, class counts {expected}) does not match the "
                 f"network's heads (class counts {heads})"
             )
 
-    def predict(self, images: Sequence[Image.Image]) -> list[Attributes]:
+    def predict(self, images: Sequence[Image.Image], *, batch_size: int | None = None) -> list[Attributes]:
+        """Each crop's attributes; ``batch_size`` crops per forward pass (default: the model's)."""
         results: list[Attributes] = []
         groups = list(self.groups.items())
-        for batch in _batches(images, self.input_size, self.batch_size):
+        for batch in _batches(images, self.input_size, batch_size or self.batch_size):
             probs = [_softmax(logits.astype(np.float32, copy=False)) for logits in self._forward(batch)]
             best = [(p.argmax(axis=1), p.max(axis=1)) for p in probs]
             for i in range(batch.shape[0]):
@@ -155,15 +161,13 @@ class ReIDModel(_Model):
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         if len(outputs) != 1 or outputs[0].shape[-1] != self.dim:
             shapes = [o.shape[1:] for o in outputs]
-            raise BundleError(
-                f"{self.manifest.name}: the manifest's embedding.dim is {self.dim}; the network "
-                f"outputs {shapes}"
-            )
+            raise BundleError(f"the manifest's embedding.dim is {self.dim}; the network outputs {shapes}")
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def embed(self, images: Sequence[Image.Image], *, batch_size: int | None = None) -> np.ndarray:
+        """(N, dim) embeddings; ``batch_size`` crops per forward pass (default: the model's)."""
         out = np.empty((len(images), self.dim), dtype=np.float32)
         row = 0
-        for batch in _batches(images, self.input_size, self.batch_size):
+        for batch in _batches(images, self.input_size, batch_size or self.batch_size):
             (emb,) = self._forward(batch)
             out[row : row + emb.shape[0]] = emb
             row += emb.shape[0]
@@ -195,13 +199,18 @@ class Models:
         """Load both bundles; ``runtime`` None picks per bundle (see ``app.runtimes``)."""
         load = {"requested": runtime, "device": device, "threads": threads}
         options = {"batch_size": batch_size, "observer": observer}
-        attributes = AttributeModel(*_load(Path(attribute_dir), "attributes", **load), **options)
-        reid = ReIDModel(*_load(Path(reid_dir), "reid", **load), **options)
+        attributes = _open(AttributeModel, Path(attribute_dir), load, options)
+        reid = _open(ReIDModel, Path(reid_dir), load, options)
         return cls(attributes, reid)
 
     @property
     def runtimes(self) -> set[str]:
         return {self.attributes.runtime.name, self.reid.runtime.name}
+
+    def observe(self, observer: InferenceObserver | None) -> None:
+        """Report every forward pass of both models to ``observer`` from now on."""
+        self.attributes.observer = observer
+        self.reid.observer = observer
 
 
 def check_bundle(directory: str | Path, task: str) -> Manifest:
@@ -217,6 +226,12 @@ def check_bundle(directory: str | Path, task: str) -> Manifest:
     return manifest
 
 
-def _load(directory: Path, task: str, **options) -> tuple[Manifest, Runtime]:
-    manifest = check_bundle(directory, task)
-    return manifest, open_runtime(directory, manifest, **options)
+def _open(model: type[M], directory: Path, load: dict[str, Any], options: dict[str, Any]) -> M:
+    """``model`` on the bundle in ``directory``; an error names the directory (the model's own checks
+    know only the manifest)."""
+    manifest = check_bundle(directory, model.task)
+    runtime = open_runtime(directory, manifest, **load)
+    try:
+        return model(manifest, runtime, **options)
+    except BundleError as exc:
+        raise BundleError(f"{directory}: {exc}") from None

@@ -76,19 +76,25 @@ def _torch_threads(settings: Settings, models: Models) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-@asynccontextmanager
-async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
-    metrics: ServiceMetrics = app.state.metrics
-    models = await run_in_threadpool(
-        Models.load,
+def load_models(settings: Settings) -> Models:
+    """Both bundles, loaded and checked as ``settings`` say (``BundleError`` says why one cannot be)."""
+    return Models.load(
         settings.attribute_bundle_dir,
         settings.reid_bundle_dir,
         batch_size=settings.batch_size,
         device=settings.device,
         runtime=settings.runtime,
-        threads=settings.resolved_threads("onnx"),  # ONNX Runtime's; torch's is set below
-        observer=metrics.observe_inference,
+        threads=settings.resolved_threads("onnx"),  # ONNX Runtime's; torch's is set in the lifespan
     )
+
+
+@asynccontextmanager
+async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    metrics: ServiceMetrics = app.state.metrics
+    models: Models | None = app.state.loaded_models
+    if models is None:
+        models = await run_in_threadpool(load_models, settings)
+    models.observe(metrics.observe_inference)
     metrics.describe_models(models)
     gallery = await run_in_threadpool(
         partial(
@@ -227,8 +233,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": "; ".join(parts), "errors": errors}, status_code=422)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; nothing is loaded until the lifespan starts."""
+def create_app(settings: Settings | None = None, *, models: Models | None = None) -> FastAPI:
+    """Build the app; the lifespan loads the models, unless ``models`` (loaded with ``load_models``) are
+    given, and opens the gallery."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
     # FastAPIOffline: /docs (Swagger UI) and /redoc load their scripts from the package's copies under
@@ -242,6 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_key_digests = key_digests(settings.key_bytes())
+    app.state.loaded_models = models
     app.state.models = None
     app.state.gallery = None
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -265,7 +273,7 @@ def preflight(settings: Settings) -> str | None:
                 return f"the {task} bundle at {directory} {TORCH_MISSING}"
             verify_files(directory, manifest, runtime)
         except BundleError as exc:
-            return f"{exc}; {BUNDLE_HELP}"
+            return f"{_one_line(str(exc))}; {BUNDLE_HELP}"
         runtimes.add(runtime)
     if "torch" in runtimes and settings.device.startswith("cuda"):
         import torch
@@ -304,10 +312,24 @@ def serve(argv: Sequence[str] | None = None) -> None:
     problem = preflight(settings)
     if problem:
         sys.exit(f"reid-serve: {problem}")
+    # Loaded here rather than in the lifespan: a bundle that passes the file checks and still cannot run
+    # (weights that do not fit its architecture, a schema or embedding size its network contradicts)
+    # stops the command with one line, where the server would report it as a traceback.
+    try:
+        models = load_models(settings)
+    except BundleError as exc:
+        sys.exit(f"reid-serve: {_one_line(str(exc))}; {BUNDLE_HELP}")
 
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    app = create_app(settings, models=models)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks and indentation folded into single spaces (pydantic's and torch's
+    messages span lines; a start-up error is one line)."""
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -64,8 +64,24 @@ def load_bundle(directory: str | Path, *, device: str = "cpu") -> tuple[Manifest
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_safetensors(data).items()}
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise BundleError(f"{weights}: not a readable safetensors file: {exc}") from None
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
+        raise BundleError(f"{weights}: weights do not fit the manifest's architecture: {misfit}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{weights}: weights do not fit the manifest's architecture: {exc}") from None
     return manifest, model.to(device).eval()
+
+
+def _misfit(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """How ``given`` tensors differ from the network's, in one short line ('' when they fit); torch's
+    own report lists every key on lines of its own."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and given[k].shape != expected[k].shape]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if keys:
+            parts.append(f"tensors {what}: {len(keys)} (first {keys[0]})")
+    return "; ".join(parts)
