@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import api_router
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
-from app.gallery.store import open_engine
+from app.gallery.store import SchemaError, open_engine, stored_schema_version
 from app.inference import Models, check_bundle
 from app.metrics import ServiceMetrics
 from app.runtimes import TORCH_MISSING, choose_runtime, torch_available, verify_files
@@ -286,9 +286,15 @@ def preflight(settings: Settings) -> str | None:
         return "REID_DATABASE_URL is not a database URL (e.g. postgresql+psycopg://user:pass@host/db)"
     try:
         engine = open_engine(settings.database)
-        with engine.connect():
-            pass
-        engine.dispose()
+        try:
+            with engine.connect() as conn:
+                # Read only: creating or migrating the schema is the start's job; this refuses what no
+                # start could use, which the lifespan would report as a traceback.
+                stored_schema_version(conn)
+        finally:
+            engine.dispose()
+    except SchemaError as exc:
+        return f"the database {where} cannot be used: {exc}"
     except (SQLAlchemyError, OSError, ImportError) as exc:
         reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"cannot open the database {where}: {reason}"

@@ -168,19 +168,33 @@ def open_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def stored_schema_version(conn: Connection) -> int | None:
+    """The database's schema version, None for a database without gallery tables (only reads).
+
+    Raises ``SchemaError`` for a database this build cannot use: gallery tables without a version (or a
+    version table without its row) and a version newer than this build's.
+    """
+    tables = set(inspect(conn).get_table_names())
+    if SchemaVersion.__tablename__ not in tables:
+        if Entry.__tablename__ in tables:
+            raise SchemaError("gallery tables exist without a schema version; refusing to guess")
+        return None
+    current = conn.execute(select(func.max(SchemaVersion.version))).scalar_one()
+    if current is None:  # the row is written with the tables; without it nothing says what they hold
+        raise SchemaError(f"table {SchemaVersion.__tablename__} holds no version; refusing to guess")
+    if current > SCHEMA_VERSION:
+        raise SchemaError(f"database schema is version {current}; this build knows up to {SCHEMA_VERSION}")
+    return current
+
+
 def prepare_schema(engine: Engine) -> int:
     """Create a new schema or migrate an old one; returns the schema version now in place."""
     with engine.begin() as conn:
-        tables = set(inspect(conn).get_table_names())
-        if SchemaVersion.__tablename__ not in tables:
-            if Entry.__tablename__ in tables:
-                raise SchemaError("gallery tables exist without a schema version; refusing to guess")
+        current = stored_schema_version(conn)
+        if current is None:
             Base.metadata.create_all(conn)
             conn.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
             return SCHEMA_VERSION
-        current = conn.execute(select(func.max(SchemaVersion.version))).scalar_one()
-    if current > SCHEMA_VERSION:
-        raise SchemaError(f"database schema is version {current}; this build knows up to {SCHEMA_VERSION}")
     for version in range(current + 1, SCHEMA_VERSION + 1):
         with engine.begin() as conn:
             MIGRATIONS[version](conn)
