@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
 from app.gallery.gallery import Gallery
+from app.gallery.reembed import ReembedJob
 from app.gallery.store import Entry, get_entry
 from app.inference import Models
 from app.settings import Settings
@@ -32,9 +33,17 @@ def get_gallery(request: Request) -> Gallery:
     return gallery
 
 
+def get_reembed_job(request: Request) -> ReembedJob:
+    job = getattr(request.app.state, "reembed_job", None)
+    if job is None:
+        raise HTTPException(503, "the gallery is not open yet")
+    return job
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelsDep = Annotated[Models, Depends(get_models)]
 GalleryDep = Annotated[Gallery, Depends(get_gallery)]
+ReembedJobDep = Annotated[ReembedJob, Depends(get_reembed_job)]
 
 
 def get_session(gallery: GalleryDep) -> Iterator[Session]:

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import api_router
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
+from app.gallery.reembed import ReembedJob
 from app.gallery.store import SchemaError, open_engine, stored_schema_version
 from app.inference import Models, check_bundle
 from app.metrics import ServiceMetrics
@@ -104,12 +105,16 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
             metrics=metrics,
             search_threads=settings.faiss_threads,
             query_expansion=settings.query_expansion,
+            store_images=settings.store_images,
         )
     )
+    job = ReembedJob(gallery, batch_size=settings.reembed_batch_size, max_pixels=settings.max_pixels)
     app.state.inference_limiter = anyio.CapacityLimiter(settings.inference_workers)
     app.state.models = models
     app.state.gallery = gallery
+    app.state.reembed_job = job
     metrics.track_gallery(lambda: len(gallery.index))
+    metrics.track_reembed(job)
     log.info(
         "ready: attributes %s (%s) on %s, re-ID %s (%s) on %s, %d searchable entries, %d threads per model",
         models.attributes.name,
@@ -123,11 +128,27 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
     )
     try:
         with _torch_threads(settings, models):
-            yield
+            async with anyio.create_task_group() as tasks:
+                if settings.index_sync_seconds > 0:
+                    tasks.start_soon(_keep_index_in_sync, gallery, settings.index_sync_seconds)
+                yield
+                tasks.cancel_scope.cancel()
     finally:
         app.state.models = None
         app.state.gallery = None
+        app.state.reembed_job = None
+        await run_in_threadpool(job.stop)
         gallery.close()
+
+
+async def _keep_index_in_sync(gallery: Gallery, seconds: float) -> None:
+    """Pick up rows that another process wrote (``reid-serve reembed`` on the same database)."""
+    while True:
+        await anyio.sleep(seconds)
+        try:
+            await run_in_threadpool(gallery.sync_index)
+        except SQLAlchemyError as exc:  # the database away for a moment: try again next time
+            log.warning("index sync with the database failed: %s", exc)
 
 
 class BodySizeLimit:
@@ -302,8 +323,18 @@ def preflight(settings: Settings) -> str | None:
 
 
 def serve(argv: Sequence[str] | None = None) -> None:
-    """The ``reid-serve`` command."""
-    parser = argparse.ArgumentParser(prog="reid-serve", description="Run the re-ID HTTP service.")
+    """The ``reid-serve`` command; ``reid-serve reembed`` runs ``app.reembed_command`` instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reembed"]:
+        from app.reembed_command import main as reembed
+
+        reembed(argv[1:])
+        return
+    parser = argparse.ArgumentParser(
+        prog="reid-serve",
+        description="Run the re-ID HTTP service.",
+        epilog="`reid-serve reembed` re-embeds the gallery after a bundle change (--help for more).",
+    )
     parser.add_argument("--host", help="address to bind (default REID_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default REID_PORT or 8000)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

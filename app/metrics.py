@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
+    from app.gallery.reembed import ReembedJob
     from app.inference import Models
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,6 +64,27 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        # The service's current or last re-embedding run (read from the job when scraped).
+        self.reembed_running = Gauge(
+            "reid_reembed_running", "1 while a re-embedding run is going.", registry=self.registry
+        )
+        self.reembed_total = Gauge(
+            "reid_reembed_total_entries",
+            "Outdated entries when the current or last re-embedding run started.",
+            registry=self.registry,
+        )
+        self.reembed_entries = Gauge(
+            "reid_reembed_entries",
+            "Entries the current or last re-embedding run has dealt with, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.reembed_rate = Gauge(
+            "reid_reembed_crops_per_second",
+            "Entries written per second by the current or last re-embedding run.",
+            registry=self.registry,
+        )
+
     def describe_models(self, models: Models) -> None:
         for model in (models.attributes, models.reid):
             self.model_info.labels(model.task, model.name, model.version, model.runtime.name).set(1)
@@ -73,3 +95,12 @@ class ServiceMetrics:
 
     def track_gallery(self, size: Callable[[], float]) -> None:
         self.gallery_searchable.set_function(size)
+
+    def track_reembed(self, job: ReembedJob) -> None:
+        self.reembed_running.set_function(lambda: float(job.running))
+        self.reembed_total.set_function(lambda: job.progress.total)
+        self.reembed_rate.set_function(lambda: job.progress.crops_per_second)
+        for outcome in ("reembedded", "without_image", "failed", "skipped"):
+            self.reembed_entries.labels(outcome).set_function(
+                lambda outcome=outcome: getattr(job.progress, outcome)
+            )

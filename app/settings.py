@@ -58,6 +58,24 @@ class Settings(BaseSettings):
         description="File holding the password for database_url when the URL has none (docker-compose's "
         "generated one); trailing newlines are dropped. A password in the URL wins.",
     )
+    store_images: bool = Field(
+        default=True,
+        description="Keep each enrolled crop as uploaded, in the database (served at /gallery/{id}/image, "
+        "read by re-embedding); false for deployments that must not keep images.",
+    )
+    index_sync_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How often the service checks the database for searchable rows that another process "
+        "wrote (reid-serve reembed) and brings its index in line; 0: never.",
+    )
+    reembed_batch_size: int = Field(
+        default=64,
+        gt=0,
+        le=4096,
+        description="Crops per batch (and per forward pass) when re-embedding; each batch is one "
+        "transaction, so a killed run loses at most one.",
+    )
 
     # Security
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

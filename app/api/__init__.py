@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.api import attributes, gallery, health, metrics, models, reid
+from app.api import admin, attributes, gallery, health, metrics, models, reid
 from app.api.bodies import Problem
 from app.security import require_api_key
 
@@ -13,5 +13,5 @@ UNAUTHORIZED = {401: {"model": Problem, "description": "Missing or invalid X-API
 
 api_router = APIRouter()
 api_router.include_router(health.router)
-for module in (attributes, gallery, reid, models, metrics):
+for module in (attributes, gallery, reid, models, metrics, admin):
     api_router.include_router(module.router, dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)

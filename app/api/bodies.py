@@ -88,6 +88,9 @@ class GalleryEntry(BaseModel):
     model_version: str = Field(description="Version of the re-ID bundle that embedded this entry.")
     searchable: bool = Field(description="False when made by a re-ID bundle other than the loaded one.")
     created_at: datetime
+    image_url: str | None = Field(
+        description="Path of the stored crop (GET it with the same X-API-Key); null when none is kept."
+    )
 
 
 class EnrolledEntry(GalleryEntry):
@@ -123,6 +126,7 @@ class EnrollResponse(BaseModel):
                             "model_version": "a1b2c3d4e5f6",
                             "searchable": True,
                             "created_at": "2024-05-01T12:30:02Z",
+                            "image_url": "/gallery/42/image",
                         }
                     ],
                 }
@@ -147,6 +151,9 @@ class Match(BaseModel):
     captured_at: datetime | None
     metadata: dict[str, Any]
     attributes: Attributes
+    image_url: str | None = Field(
+        description="Path of the stored crop (GET it with the same X-API-Key); null when none is kept."
+    )
 
 
 class QueryResponse(BaseModel):
@@ -172,6 +179,7 @@ class QueryResponse(BaseModel):
                             "captured_at": "2024-05-01T12:30:00Z",
                             "metadata": {"site": "north gate"},
                             "attributes": _ATTRS_EXAMPLE,
+                            "image_url": "/gallery/42/image",
                         }
                     ],
                 }
@@ -205,6 +213,27 @@ class CollectionStats(BaseModel):
     other_versions: dict[str, int] = Field(description="Entries per re-ID bundle version not loaded now.")
 
 
+class ReembedStatus(BaseModel):
+    """The service's re-embedding run (POST /admin/reembed): the current one, or the last."""
+
+    model_config = ConfigDict(from_attributes=True)  # from app.gallery.reembed's ReembedProgress
+
+    state: Literal["idle", "running", "done", "stopped", "failed"] = Field(
+        description="'idle': none has run since the service started."
+    )
+    total: int = Field(description="Outdated entries when the run started.")
+    processed: int = Field(description="Entries dealt with so far (the four counts below).")
+    reembedded: int = Field(description="Written with the loaded bundles: searchable now.")
+    without_image: int = Field(description="No stored crop: left as they are (enroll the crop again).")
+    failed: int = Field(description="Stored crop no longer decodes: left as they are.")
+    skipped: int = Field(description="Changed by another writer during the run: nothing to do.")
+    batch_size: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    crops_per_second: float
+    error: str | None
+
+
 class GalleryStats(BaseModel):
     model_config = ConfigDict(
         from_attributes=True,  # from app.gallery's GalleryCounts
@@ -224,6 +253,23 @@ class GalleryStats(BaseModel):
                             "other_versions": {"0c9d8e7f6a5b": 50},
                         }
                     },
+                    "stored_images": 1250,
+                    "outdated": 50,
+                    "outdated_without_image": 0,
+                    "reembed": {
+                        "state": "running",
+                        "total": 50,
+                        "processed": 20,
+                        "reembedded": 20,
+                        "without_image": 0,
+                        "failed": 0,
+                        "skipped": 0,
+                        "batch_size": 64,
+                        "started_at": "2024-05-01T12:30:00Z",
+                        "finished_at": None,
+                        "crops_per_second": 240.5,
+                        "error": None,
+                    },
                 }
             ]
         },
@@ -238,6 +284,21 @@ class GalleryStats(BaseModel):
     )
     index_size: int
     collections: dict[str, CollectionStats]
+    stored_images: int = Field(description="Entries whose crop is kept (served at their image_url).")
+    outdated: int = Field(
+        description="Entries made by another re-ID or attribute bundle: what POST /admin/reembed redoes."
+    )
+    outdated_without_image: int = Field(
+        description="Outdated entries with no stored crop: re-embedding cannot redo them."
+    )
+    reembed: ReembedStatus | None = Field(
+        default=None, description="The service's current or last re-embedding run."
+    )
+
+
+class ReembedStarted(BaseModel):
+    started: bool = Field(description="False when a run was already going (that one is shown).")
+    reembed: ReembedStatus
 
 
 class ModelsResponse(BaseModel):

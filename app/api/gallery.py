@@ -8,9 +8,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
 
-from app.api.bodies import Deleted, EnrollResponse, EntryPage, GalleryEntry, GalleryStats, Problem
+from app.api.bodies import (
+    Deleted,
+    EnrollResponse,
+    EntryPage,
+    GalleryEntry,
+    GalleryStats,
+    Problem,
+    ReembedStatus,
+)
 from app.api.uploads import decode_crops, offload, read_images
-from app.deps import NO_NUL, EntryDep, EntryId, GalleryDep, SessionDep, SettingsDep
+from app.deps import NO_NUL, EntryDep, EntryId, GalleryDep, ReembedJobDep, SessionDep, SettingsDep
 from app.gallery import store
 from app.gallery.gallery import EntryFields
 
@@ -112,8 +120,14 @@ def list_entries(
         session, collection=collection, identity=identity, camera_id=camera_id, limit=limit, offset=offset
     )
     version = gallery.model_version
+    stored = store.with_image(session, ids=[e.id for e in rows])
     return EntryPage(
-        items=[GalleryEntry.model_validate(store.entry_record(e, model_version=version)) for e in rows],
+        items=[
+            GalleryEntry.model_validate(
+                store.entry_record(e, model_version=version, has_image=e.id in stored)
+            )
+            for e in rows
+        ],
         total=total,
         limit=limit,
         offset=offset,
@@ -122,14 +136,51 @@ def list_entries(
 
 
 @router.get("/stats", response_model=GalleryStats)
-def stats(gallery: GalleryDep) -> GalleryStats:
-    """Entry counts per collection; entries of other re-ID bundle versions are counted apart."""
-    return GalleryStats.model_validate(gallery.stats())
+def stats(gallery: GalleryDep, job: ReembedJobDep) -> GalleryStats:
+    """Entry counts per collection; entries of other re-ID bundle versions are counted apart; the
+    progress of the service's re-embedding run."""
+    body = GalleryStats.model_validate(gallery.stats())
+    body.reembed = ReembedStatus.model_validate(job.progress)
+    return body
 
 
 @router.get("/{entry_id}", response_model=GalleryEntry, responses=NOT_FOUND)
-def get_entry(entry: EntryDep, gallery: GalleryDep) -> GalleryEntry:
-    return GalleryEntry.model_validate(store.entry_record(entry, model_version=gallery.model_version))
+def get_entry(entry: EntryDep, gallery: GalleryDep, session: SessionDep) -> GalleryEntry:
+    has_image = bool(store.with_image(session, ids=[entry.id]))
+    record = store.entry_record(entry, model_version=gallery.model_version, has_image=has_image)
+    return GalleryEntry.model_validate(record)
+
+
+@router.get(
+    "/{entry_id}/image",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
+            "description": "The crop's bytes exactly as enrolled, with the type of image they are.",
+        },
+        404: {"model": Problem, "description": "No entry with this id, or no crop kept for it."},
+    },
+)
+def get_image(entry_id: EntryId, session: SessionDep, request: Request) -> Response:
+    """The crop an entry was enrolled from (kept unless the service runs with REID_STORE_IMAGES=false)."""
+    found = store.get_image(session, entry_id=entry_id)
+    if found is None:
+        if store.get_entry(session, entry_id=entry_id) is None:
+            raise HTTPException(404, f"no gallery entry with id {entry_id}")
+        raise HTTPException(404, f"gallery entry {entry_id} has no stored image")
+    content_type, data, sha256 = found
+    etag = f'"{sha256}"'  # the entry's sha256 is that of these bytes
+    headers = {
+        "ETag": etag,
+        # Ids can come back after a delete (SQLite reuses the highest), so caches must revalidate.
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=content_type, headers=headers)
 
 
 @router.delete("/{entry_id}", response_model=Deleted, responses=NOT_FOUND)

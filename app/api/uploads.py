@@ -7,6 +7,7 @@ client sends are ignored (and never used as a path).
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
@@ -63,10 +64,26 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> list[I
     return images
 
 
+def content_type(data: bytes) -> str:
+    """The MIME type of image bytes that decoded, from their header (Pillow's format, not the client's
+    claim), so the stored crop is served back as what it is."""
+    with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+        if image.format == "MPO":  # a camera's multi-picture JPEG: browsers show it as a JPEG
+            return "image/jpeg"
+        return image.get_format_mimetype() or "application/octet-stream"
+
+
 def decode_crops(blobs: Sequence[tuple[str, bytes]], max_pixels: int) -> list[Crop]:
+    """Decode every upload (as ``decode_images``) into crops that carry their bytes and content type."""
     images = decode_images(blobs, max_pixels)
     return [
-        Crop(index=i, sha256=hashlib.sha256(data).hexdigest(), image=img)
+        Crop(
+            index=i,
+            sha256=hashlib.sha256(data).hexdigest(),
+            image=img,
+            data=data,
+            content_type=content_type(data),
+        )
         for i, ((_, data), img) in enumerate(zip(blobs, images, strict=True))
     ]
 

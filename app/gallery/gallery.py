@@ -45,11 +45,14 @@ EnrollStatus = Literal["created", "existing", "refreshed"]
 
 @dataclass
 class Crop:
-    """One uploaded image: its position in the request, the sha256 of its bytes, the decoded pixels."""
+    """One uploaded image: its position in the request, the sha256 of its bytes, the decoded pixels,
+    and the bytes themselves with their content type (kept as the entry's crop)."""
 
     index: int
     sha256: str
     image: Image.Image
+    data: bytes | None = None
+    content_type: str = "application/octet-stream"
 
 
 @dataclass
@@ -92,6 +95,9 @@ class GalleryCounts:
     excluded_other_versions: dict[str, int]
     index_size: int
     collections: dict[str, CollectionCounts]
+    stored_images: int  # entries whose crop is kept
+    outdated: int  # entries made by another re-ID or attribute bundle (what re-embedding would redo)
+    outdated_without_image: int  # of those, entries with no stored crop: re-embedding cannot redo them
 
 
 def _enrolled(record: EntryRecord, status: EnrollStatus) -> Enrolled:
@@ -113,6 +119,7 @@ def _created(entry_id: int, collection: str, item: NewEntry, version: str, creat
         model_version=version,
         searchable=True,
         created_at=created_at.replace(tzinfo=UTC),
+        image_url=store.image_url(entry_id, item.image is not None),
     )
     return _enrolled(record, "created")
 
@@ -126,8 +133,10 @@ class Gallery:
         metrics: ServiceMetrics | None = None,
         search_threads: int = 1,
         query_expansion: int | None = None,
+        store_images: bool = True,
     ) -> None:
         self.engine = engine
+        self.store_images = store_images
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self.models = models
         self.metrics = metrics
@@ -154,12 +163,18 @@ class Gallery:
         metrics: ServiceMetrics | None = None,
         search_threads: int = 1,
         query_expansion: int | None = None,
+        store_images: bool = True,
     ) -> Gallery:
         """Connect, create or migrate the schema, and build the index from the database."""
         engine = store.open_engine(url)
         store.prepare_schema(engine)
         gallery = cls(
-            engine, models, metrics=metrics, search_threads=search_threads, query_expansion=query_expansion
+            engine,
+            models,
+            metrics=metrics,
+            search_threads=search_threads,
+            query_expansion=query_expansion,
+            store_images=store_images,
         )
         gallery.rebuild()
         return gallery
@@ -200,6 +215,8 @@ class Gallery:
                 track_id=fields.track_id,
                 captured_at=fields.captured_at,
                 metadata=fields.metadata,
+                image=crop.data if self.store_images else None,
+                content_type=crop.content_type,
             )
             for i, crop in enumerate(crops)
         }
@@ -252,13 +269,25 @@ class Gallery:
                     for d, entry_id in zip(new, ids, strict=True)
                 }
                 changed = [(entry_id, computed[d].embedding) for d, entry_id in zip(new, ids, strict=True)]
+                stored = store.with_image(session, ids=[entry.id for entry in known.values()])
+                if self.store_images:
+                    # Entries enrolled before crops were kept (or while REID_STORE_IMAGES was off) keep
+                    # theirs from now on: the same bytes, so the entry is otherwise unchanged.
+                    keep: dict[int, tuple[str, bytes]] = {}
+                    for digest, entry in known.items():
+                        data = first[digest].data
+                        if entry.id not in stored and data is not None:
+                            keep[entry.id] = (first[digest].content_type, data)
+                    store.add_images(session, images=keep)
+                    stored |= set(keep)
                 for digest, entry in known.items():
                     status: EnrollStatus = "existing"
                     if entry.model_version != version:
                         store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
                         changed.append((entry.id, computed[digest].embedding))
                         status = "refreshed"
-                    results[digest] = _enrolled(store.entry_record(entry, model_version=version), status)
+                    record = store.entry_record(entry, model_version=version, has_image=entry.id in stored)
+                    results[digest] = _enrolled(record, status)
             # Committed: only now does the index see the new rows.
             if changed:
                 entry_ids, vectors = zip(*changed, strict=True)
@@ -392,6 +421,10 @@ class Gallery:
         version = self.model_version
         with self.sessions() as session:
             rows = store.counts(session)
+            stored_images = store.stored_image_count(session)
+            outdated, outdated_without_image = store.count_outdated(
+                session, model_version=version, attribute_model_version=self.models.attributes.version
+            )
         collections: dict[str, CollectionCounts] = {}
         others: dict[str, int] = {}
         for name, model_version, n in rows:
@@ -410,7 +443,63 @@ class Gallery:
             excluded_other_versions=others,
             index_size=len(self.index),
             collections=collections,
+            stored_images=stored_images,
+            outdated=outdated,
+            outdated_without_image=outdated_without_image,
         )
 
     def session(self) -> Session:
         return self.sessions()
+
+    # -- re-embedding and other processes' writes ---------------------------------------------------
+
+    def write_reembedded(self, items: Sequence[store.Reembedded], *, update_index: bool = True) -> int:
+        """Commit new embeddings and attributes of outdated entries (``app.gallery.reembed``); the ones
+        now made by the loaded bundle join the index. Returns how many entries were written."""
+        with self._write_lock:
+            with self.sessions.begin() as session:
+                applied = store.write_reembedded(
+                    session,
+                    items=items,
+                    model_version=self.model_version,
+                    attribute_model_version=self.models.attributes.version,
+                )
+            vectors = [item for item in applied if item.embedding is not None]
+            if update_index and vectors:
+                self.index.add(
+                    np.array([item.seen.id for item in vectors]),
+                    [item.seen.collection for item in vectors],
+                    np.stack([item.embedding for item in vectors]),
+                )
+        return len(applied)
+
+    def sync_index(self) -> int:
+        """Bring the index in line with the database after writes by other processes (``reid-serve
+        reembed``); returns how many entries were added or removed.
+
+        Per collection, the count and id sum of the rows made by the loaded bundle are compared with the
+        index's (one aggregate query); only a collection that differs has its ids read and diffed. Under
+        the write lock, so this process's own writes (committed, then indexed) are never half-seen.
+        """
+        version, dim = self.model_version, self.models.reid.dim
+        changes = 0
+        with self._write_lock, self.sessions() as session:
+            wanted = store.searchable_fingerprints(session, model_version=version)
+            held = self.index.fingerprints()
+            for collection in sorted(set(wanted) | set(held)):
+                if wanted.get(collection, (0, 0)) == held.get(collection, (0, 0)):
+                    continue
+                rows = store.searchable_ids(session, collection=collection, model_version=version)
+                present = self.index.ids(collection)
+                gone = np.setdiff1d(present, rows, assume_unique=True)
+                new = np.setdiff1d(rows, present, assume_unique=True)
+                self.index.remove(gone)
+                for start in range(0, len(new), 10_000):  # bound the statement's parameters
+                    ids, vectors = store.embeddings_of(
+                        session, ids=new[start : start + 10_000].tolist(), model_version=version, dim=dim
+                    )
+                    self.index.add(ids, [collection] * len(ids), vectors)
+                changes += len(gone) + len(new)
+        if changes:
+            log.info("gallery index caught up with the database: %d entries added or removed", changes)
+        return changes

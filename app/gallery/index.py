@@ -72,6 +72,23 @@ class GalleryIndex:
             self._indexes[name].remove_ids(faiss.IDSelectorBatch(np.asarray(members, dtype=np.int64)))
         return sum(len(m) for m in by_collection.values())
 
+    def ids(self, collection: str) -> np.ndarray:
+        """The ids held for ``collection`` (int64, unordered)."""
+        with self._lock:
+            index = self._indexes.get(collection)
+            if index is None:
+                return np.empty(0, np.int64)
+            return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+
+    def fingerprints(self) -> dict[str, tuple[int, int]]:
+        """{collection: (size, sum of ids)}, what ``store.searchable_fingerprints`` gives for the rows."""
+        with self._lock:
+            sums = {
+                name: (int(index.ntotal), int(faiss.vector_to_array(index.id_map).sum()))
+                for name, index in self._indexes.items()
+            }
+        return {name: value for name, value in sums.items() if value[0]}
+
     def vectors(self, collection: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (which must be in ``collection``), in that order."""
         with self._lock:

@@ -1,9 +1,10 @@
 """The gallery's tables and every query on them (SQLAlchemy 2.0), as keyword-only functions.
 
 The database is the truth: each entry keeps its embedding (float32 bytes), the version of the re-ID
-bundle that made it, the image's sha256, the attributes and the metadata. The FAISS index is derived
-from these rows and can always be rebuilt from them. Embeddings live in a table of their own, so the
-entry rows that filters scan stay small (a 2560-d embedding is 10 kB).
+bundle that made it, the image's sha256, the attributes and the metadata, and (unless
+``REID_STORE_IMAGES=false``) the crop as uploaded. The FAISS index is derived from these rows and can
+always be rebuilt from them. Embeddings and crops live in tables of their own, so the entry rows that
+filters scan stay small (a 2560-d embedding is 10 kB, a crop a few kB).
 
 Schema management: a new database gets ``create_all`` and its version written to ``reid_schema``;
 an older one is brought up to date by the numbered steps in ``MIGRATIONS``, each in its own
@@ -43,11 +44,15 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Where the API serves an entry's stored crop; entries and matches carry it so clients build no URLs.
+IMAGE_URL = "/gallery/{}/image"
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere ids are 64-bit like FAISS's.
 EntryId = BigInteger().with_variant(Integer(), "sqlite")
@@ -117,14 +122,33 @@ class EntryAttribute(Base):
     __table_args__ = (Index("ix_gallery_entry_attributes_value", "attribute", "value", "entry_id"),)
 
 
+class StoredImage(Base):
+    """The crop an entry was enrolled from, byte for byte as uploaded (after the decode check): what
+    ``GET /gallery/{id}/image`` serves and what re-embedding with a new bundle reads."""
+
+    __tablename__ = "gallery_images"
+
+    entry_id: Mapped[int] = mapped_column(
+        EntryId, ForeignKey("gallery_entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    content_type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class SchemaVersion(Base):
     __tablename__ = "reid_schema"
 
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
-# version -> step that upgrades a database from version-1 to version (none yet: v1 is the first).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+def _add_images_table(conn: Connection) -> None:
+    # v1 -> v2: the stored crops. Entries enrolled before keep no image (image_url null); enrolling the
+    # same bytes again stores it, and re-embedding reports them as without a crop.
+    StoredImage.__table__.create(conn)
+
+
+# version -> step that upgrades a database from version-1 to version.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_images_table}
 
 
 class SchemaError(RuntimeError):
@@ -223,6 +247,8 @@ class NewEntry:
     track_id: str | None = None
     captured_at: datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    image: bytes | None = None  # the crop to keep (None: REID_STORE_IMAGES is off)
+    content_type: str = "application/octet-stream"
 
 
 def _blob(vector: np.ndarray) -> bytes:
@@ -273,7 +299,17 @@ def add_entries(
     ]
     if attributes:
         session.execute(insert(EntryAttribute), attributes)
+    add_images(
+        session, images={i: (item.content_type, item.image) for i, item in pairs if item.image is not None}
+    )
     return ids, now
+
+
+def add_images(session: Session, *, images: dict[int, tuple[str, bytes]]) -> None:
+    """Store crops: {entry id: (content type, bytes)}."""
+    if images:
+        rows = [{"entry_id": i, "content_type": t, "data": d} for i, (t, d) in images.items()]
+        session.execute(insert(StoredImage), rows)
 
 
 def refresh_entry(
@@ -295,6 +331,7 @@ def delete_entries(session: Session, *, ids: Sequence[int]) -> None:
     if ids:
         session.execute(delete(EntryAttribute).where(EntryAttribute.entry_id.in_(ids)))
         session.execute(delete(Embedding).where(Embedding.entry_id.in_(ids)))
+        session.execute(delete(StoredImage).where(StoredImage.entry_id.in_(ids)))
         session.execute(delete(Entry).where(Entry.id.in_(ids)))
 
 
@@ -315,6 +352,29 @@ def get_entry(session: Session, *, entry_id: int) -> Entry | None:
     return session.get(Entry, entry_id)
 
 
+def get_image(session: Session, *, entry_id: int) -> tuple[str, bytes, str] | None:
+    """(content type, bytes, their sha256) of the entry's stored crop, or None."""
+    query = (
+        select(StoredImage.content_type, StoredImage.data, Entry.image_sha256)
+        .join(Entry, Entry.id == StoredImage.entry_id)
+        .where(StoredImage.entry_id == entry_id)
+    )
+    row = session.execute(query).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def with_image(session: Session, *, ids: Sequence[int]) -> set[int]:
+    """Which of ``ids`` have a stored crop."""
+    if not ids:
+        return set()
+    query = select(StoredImage.entry_id).where(StoredImage.entry_id.in_(list(ids)))
+    return set(session.scalars(query))
+
+
+def image_url(entry_id: int, stored: bool) -> str | None:
+    return IMAGE_URL.format(entry_id) if stored else None
+
+
 @functools.cache
 def _match_query(dialect: str) -> Select:
     """The entries of the bound ``ids`` with their attributes folded into one JSON object
@@ -328,8 +388,9 @@ def _match_query(dialect: str) -> Select:
         pair = func.json_object("value", a.value, "score", a.score)
         folded = func.json_group_object(a.attribute, pair, type_=JSON)
     attributes = select(folded).where(a.entry_id == e.id).correlate(e).scalar_subquery()
+    stored = select(StoredImage.entry_id).where(StoredImage.entry_id == e.id).correlate(e).exists()
     return select(
-        e.id, e.identity, e.collection, e.camera_id, e.track_id, e.captured_at, e.extra, attributes
+        e.id, e.identity, e.collection, e.camera_id, e.track_id, e.captured_at, e.extra, attributes, stored
     ).where(e.id.in_(bindparam("ids", expanding=True)))
 
 
@@ -344,9 +405,8 @@ def match_rows(session: Session, *, ids: Sequence[int]) -> dict[int, dict[str, A
     connection = session.connection()
     query = _match_query(connection.dialect.name)
     rows = {}
-    for entry_id, identity, collection, camera, track, captured, extra, attributes in connection.execute(
-        query, {"ids": list(ids)}
-    ):
+    result = connection.execute(query, {"ids": list(ids)})
+    for entry_id, identity, collection, camera, track, captured, extra, attributes, stored in result:
         rows[entry_id] = {
             "entry_id": entry_id,
             "identity": identity,
@@ -356,6 +416,7 @@ def match_rows(session: Session, *, ids: Sequence[int]) -> dict[int, dict[str, A
             "captured_at": as_utc(captured),
             "metadata": extra or {},
             "attributes": attributes or {},
+            "image_url": image_url(entry_id, bool(stored)),
         }
     return rows
 
@@ -377,10 +438,12 @@ class EntryRecord:
     model_version: str
     searchable: bool  # made by the loaded re-ID bundle, so in the index
     created_at: datetime
+    image_url: str | None  # where the stored crop is served; None when none is kept
 
 
-def entry_record(entry: Entry, *, model_version: str) -> EntryRecord:
-    """``entry`` as plain values; ``model_version`` is the loaded re-ID bundle's (searchable entries)."""
+def entry_record(entry: Entry, *, model_version: str, has_image: bool) -> EntryRecord:
+    """``entry`` as plain values; ``model_version`` is the loaded re-ID bundle's (searchable entries),
+    ``has_image`` whether its crop is stored (``with_image``)."""
     return EntryRecord(
         id=entry.id,
         collection=entry.collection,
@@ -394,6 +457,7 @@ def entry_record(entry: Entry, *, model_version: str) -> EntryRecord:
         model_version=entry.model_version,
         searchable=entry.model_version == model_version,
         created_at=entry.created_at.replace(tzinfo=UTC),
+        image_url=image_url(entry.id, has_image),
     )
 
 
@@ -490,3 +554,145 @@ def counts(session: Session) -> list[tuple[str, str, int]]:
         Entry.collection, Entry.model_version
     )
     return [(c, v, n) for c, v, n in session.execute(query)]
+
+
+def stored_image_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(StoredImage)) or 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Re-embedding (app.gallery.reembed) and catching the index up with other processes' writes
+
+
+def _outdated(model_version: str, attribute_model_version: str):
+    return or_(Entry.model_version != model_version, Entry.attribute_model_version != attribute_model_version)
+
+
+def count_outdated(session: Session, *, model_version: str, attribute_model_version: str) -> tuple[int, int]:
+    """(entries made by another re-ID or attribute bundle, how many of them have no stored crop)."""
+    outdated = _outdated(model_version, attribute_model_version)
+    total = session.scalar(select(func.count()).select_from(Entry).where(outdated)) or 0
+    stored = select(StoredImage.entry_id).where(StoredImage.entry_id == Entry.id).exists()
+    missing = session.scalar(select(func.count()).select_from(Entry).where(outdated, ~stored)) or 0
+    return total, missing
+
+
+@dataclass(frozen=True)
+class OutdatedRow:
+    """An entry to bring up to date, as read: what made it, and its stored crop (None if none)."""
+
+    id: int
+    collection: str
+    model_version: str
+    attribute_model_version: str
+    content_type: str | None
+    data: bytes | None
+
+
+def outdated_rows(
+    session: Session, *, model_version: str, attribute_model_version: str, after_id: int, limit: int
+) -> list[OutdatedRow]:
+    """The next ``limit`` outdated entries with ids above ``after_id``, in id order (a cursor: a run
+    visits each entry once, and a new run starts again from the first one still outdated)."""
+    query = (
+        select(
+            Entry.id,
+            Entry.collection,
+            Entry.model_version,
+            Entry.attribute_model_version,
+            StoredImage.content_type,
+            StoredImage.data,
+        )
+        .outerjoin(StoredImage, StoredImage.entry_id == Entry.id)
+        .where(_outdated(model_version, attribute_model_version), Entry.id > after_id)
+        .order_by(Entry.id)
+        .limit(limit)
+    )
+    return [OutdatedRow(*row) for row in session.execute(query)]
+
+
+@dataclass(frozen=True)
+class Reembedded:
+    """New values for an entry read as ``seen``: an embedding (None: keep it) and attributes (None: keep)."""
+
+    seen: OutdatedRow
+    embedding: np.ndarray | None
+    attributes: dict[str, tuple[str, float]] | None
+
+
+def write_reembedded(
+    session: Session, *, items: Sequence[Reembedded], model_version: str, attribute_model_version: str
+) -> list[Reembedded]:
+    """Apply ``items`` to the entries still as they were read; returns the ones applied.
+
+    The version check in the UPDATE makes this safe next to any other writer: an entry deleted,
+    re-enrolled or re-embedded by another process since it was read is left alone, never written twice.
+    """
+    by_seen: dict[tuple[str, str], list[Reembedded]] = {}
+    for item in items:
+        key = (item.seen.model_version, item.seen.attribute_model_version)
+        by_seen.setdefault(key, []).append(item)
+    applied: list[Reembedded] = []
+    for (seen_version, seen_attribute_version), group in by_seen.items():
+        query = (
+            update(Entry)
+            .where(
+                Entry.id.in_([item.seen.id for item in group]),
+                Entry.model_version == seen_version,
+                Entry.attribute_model_version == seen_attribute_version,
+            )
+            .values(model_version=model_version, attribute_model_version=attribute_model_version)
+            .returning(Entry.id)
+        )
+        ids = set(session.scalars(query))
+        applied.extend(item for item in group if item.seen.id in ids)
+    vectors = [item for item in applied if item.embedding is not None]
+    if vectors:
+        session.execute(delete(Embedding).where(Embedding.entry_id.in_([item.seen.id for item in vectors])))
+        session.execute(
+            insert(Embedding),
+            [{"entry_id": item.seen.id, "vector": _blob(item.embedding)} for item in vectors],
+        )
+    described = [item for item in applied if item.attributes is not None]
+    if described:
+        ids = [item.seen.id for item in described]
+        session.execute(delete(EntryAttribute).where(EntryAttribute.entry_id.in_(ids)))
+        rows = [
+            {"entry_id": item.seen.id, "attribute": name, "value": value, "score": score}
+            for item in described
+            for name, (value, score) in (item.attributes or {}).items()
+        ]
+        if rows:
+            session.execute(insert(EntryAttribute), rows)
+    return applied
+
+
+def searchable_fingerprints(session: Session, *, model_version: str) -> dict[str, tuple[int, int]]:
+    """{collection: (entries made by ``model_version``, sum of their ids)}: one aggregate query that
+    tells whether an index holds exactly these rows without reading them."""
+    query = (
+        select(Entry.collection, func.count(), func.sum(Entry.id))
+        .where(Entry.model_version == model_version)
+        .group_by(Entry.collection)
+    )
+    return {c: (int(n), int(total or 0)) for c, n, total in session.execute(query)}
+
+
+def searchable_ids(session: Session, *, collection: str, model_version: str) -> np.ndarray:
+    query = select(Entry.id).where(Entry.collection == collection, Entry.model_version == model_version)
+    return np.fromiter(session.scalars(query), dtype=np.int64)
+
+
+def embeddings_of(
+    session: Session, *, ids: Sequence[int], model_version: str, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of those of ``ids`` that are made by ``model_version`` (others are skipped)."""
+    query = (
+        select(Entry.id, Embedding.vector)
+        .join(Embedding, Embedding.entry_id == Entry.id)
+        .where(Entry.id.in_(list(ids)), Entry.model_version == model_version)
+    )
+    rows = session.execute(query).all()
+    found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    return found, vectors

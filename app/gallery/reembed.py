@@ -1,0 +1,221 @@
+"""Re-embedding: bring entries made by another re-ID or attribute bundle up to date from their stored crops.
+
+Each batch is read, decoded and run through the models outside any lock, then written in one
+transaction whose UPDATE only touches entries still as they were read (``store.write_reembedded``).
+Hence a run is:
+
+- resumable: a killed run loses at most its uncommitted batch, and the next run starts from the first
+  entry still outdated; entries are updated in place, so nothing is ever duplicated;
+- safe next to a running service or another run: whatever changed an entry since it was read wins;
+- honest about what it cannot do: entries without a stored crop, or whose crop no longer decodes, are
+  counted and left as they are (kept, reported, not searched), never dropped.
+
+The service picks up rows written by another process through ``Gallery.sync_index``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from app.gallery import store
+from app.gallery.gallery import Gallery
+from app.preprocess import ImageError, decode_image
+
+log = logging.getLogger(__name__)
+
+ReembedState = Literal["idle", "running", "done", "stopped", "failed"]
+
+
+@dataclass
+class ReembedProgress:
+    """Where a run stands; the counts add up to ``total`` when it is done."""
+
+    state: ReembedState = "idle"
+    total: int = 0  # outdated entries when the run started
+    reembedded: int = 0  # written with the loaded bundles
+    without_image: int = 0  # no stored crop: left as they are
+    failed: int = 0  # stored crop no longer decodes (e.g. over REID_MAX_PIXELS): left as they are
+    skipped: int = 0  # changed by another writer meanwhile (deleted, re-enrolled): nothing to do
+    batch_size: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    _started: float = field(default=0.0, repr=False)
+    _elapsed: float = field(default=0.0, repr=False)
+
+    @property
+    def processed(self) -> int:
+        return self.reembedded + self.without_image + self.failed + self.skipped
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self._started if self.state == "running" else self._elapsed
+
+    @property
+    def crops_per_second(self) -> float:
+        """Entries written per second of the run so far."""
+        return self.reembedded / self.seconds if self.seconds > 0 else 0.0
+
+
+# Called after every batch with the progress so far (the CLI's progress bar, the service's metrics).
+ProgressHook = Callable[[ReembedProgress], None]
+
+
+def reembed(
+    gallery: Gallery,
+    *,
+    batch_size: int,
+    max_pixels: int,
+    update_index: bool = True,
+    progress: ReembedProgress | None = None,
+    on_batch: ProgressHook | None = None,
+    stop: threading.Event | None = None,
+) -> ReembedProgress:
+    """Re-embed (and re-describe) every outdated entry of ``gallery`` with its loaded bundles.
+
+    ``update_index``: add written entries to this process's index (the service's own run); a separate
+    command has no index to keep. ``stop`` ends the run between batches (state ``stopped``).
+    """
+    progress = progress or ReembedProgress()
+    models = gallery.models
+    versions = {
+        "model_version": models.reid.version,
+        "attribute_model_version": models.attributes.version,
+    }
+    with gallery.sessions() as session:
+        total, _ = store.count_outdated(session, **versions)
+    progress.total, progress.batch_size = total, batch_size
+    progress.started_at, progress.finished_at = datetime.now(UTC), None
+    progress._started, progress.state = time.perf_counter(), "running"
+
+    def read(after_id: int) -> list[store.OutdatedRow]:
+        with gallery.sessions() as session:
+            return store.outdated_rows(session, after_id=after_id, limit=batch_size, **versions)
+
+    # The next batch is read from the database while this one runs through the models.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed-read") as reader:
+        try:
+            pending: Future[list[store.OutdatedRow]] = reader.submit(read, 0)
+            while True:
+                rows = pending.result()
+                if not rows:
+                    break
+                pending = reader.submit(read, rows[-1].id)
+                items = _compute(gallery, rows, max_pixels, progress)
+                written = gallery.write_reembedded(items, update_index=update_index) if items else 0
+                progress.reembedded += written
+                progress.skipped += len(items) - written
+                if on_batch is not None:
+                    on_batch(progress)
+                if stop is not None and stop.is_set():
+                    progress.state = "stopped"
+                    break
+            if progress.state == "running":
+                progress.state = "done"
+        except Exception as exc:
+            progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            progress._elapsed = time.perf_counter() - progress._started
+            progress.finished_at = datetime.now(UTC)
+            if on_batch is not None:
+                on_batch(progress)
+    return progress
+
+
+def _compute(
+    gallery: Gallery, rows: list[store.OutdatedRow], max_pixels: int, progress: ReembedProgress
+) -> list[store.Reembedded]:
+    """New embeddings and attributes for the rows that have a readable crop; the rest are counted."""
+    models = gallery.models
+    readable = []
+    for row in rows:
+        if row.data is None:
+            progress.without_image += 1
+            continue
+        try:
+            readable.append((row, decode_image(row.data, max_pixels=max_pixels)))
+        except ImageError as exc:
+            log.warning("entry %d: stored crop not re-embedded: %s", row.id, exc)
+            progress.failed += 1
+    embed = [(row, image) for row, image in readable if row.model_version != models.reid.version]
+    describe = [
+        (row, image) for row, image in readable if row.attribute_model_version != models.attributes.version
+    ]
+    # One forward pass per batch: the run's batch size, not the service's per-request one.
+    batch = len(rows)
+    vectors = models.reid.embed([image for _, image in embed], batch_size=batch) if embed else []
+    predicted = (
+        models.attributes.predict([image for _, image in describe], batch_size=batch) if describe else []
+    )
+    new_vectors = {row.id: vectors[i] for i, (row, _) in enumerate(embed)}
+    new_attributes = {
+        row.id: {name: (v.value, v.score) for name, v in predicted[i].items()}
+        for i, (row, _) in enumerate(describe)
+    }
+    return [
+        store.Reembedded(seen=row, embedding=new_vectors.get(row.id), attributes=new_attributes.get(row.id))
+        for row, _ in readable
+    ]
+
+
+class ReembedJob:
+    """The service's background run (``POST /admin/reembed``): one at a time, progress readable at any
+    moment (``/gallery/stats``, ``/metrics``), stopped between batches when the service shuts down."""
+
+    def __init__(
+        self, gallery: Gallery, *, batch_size: int, max_pixels: int, on_batch: ProgressHook | None = None
+    ) -> None:
+        self.gallery = gallery
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.on_batch = on_batch
+        self.progress = ReembedProgress(batch_size=batch_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> bool:
+        """Start a run in a background thread; False if one is already running."""
+        with self._lock:
+            if self.running:
+                return False
+            self.progress = ReembedProgress(state="running", batch_size=self.batch_size)
+            self._thread = threading.Thread(target=self._run, name="reembed", daemon=True)
+            self._thread.start()
+            return True
+
+    def _run(self) -> None:
+        try:
+            reembed(
+                self.gallery,
+                batch_size=self.batch_size,
+                max_pixels=self.max_pixels,
+                progress=self.progress,
+                on_batch=self.on_batch,
+                stop=self._stop,
+            )
+        except Exception:  # recorded in the progress (state failed, error); the service goes on
+            log.exception("re-embedding failed")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> ReembedProgress:
+        """Block until the current run ends (tests, the command line)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.progress

@@ -1,0 +1,60 @@
+"""A gallery made by the previous schema (version 1: no stored crops) upgrades in place at start-up and
+keeps every entry (the guards against unusable schemas are test_schema_guards.py's). On SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, inspect, select, text
+
+from app.gallery import store
+from app.main import create_app
+from tests.service.helpers import crop, enroll, files, make_settings, query
+
+
+def as_version_1(url: str) -> None:
+    """Turn a current database into what version 1 left: the schema then was today's without the
+    gallery_images table (the only change of version 2), with version 1 recorded."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        store.StoredImage.__table__.drop(conn)
+        conn.execute(text("UPDATE reid_schema SET version = 1"))
+    engine.dispose()
+
+
+def schema_state(url: str) -> tuple[int, set[str]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        version = conn.scalar(select(func.max(store.SchemaVersion.version)))
+        tables = set(inspect(conn).get_table_names())
+    engine.dispose()
+    return version, tables
+
+
+def test_a_version_1_gallery_upgrades_and_keeps_its_entries(bundles, database_url, tmp_path, people):
+    settings = make_settings(bundles, tmp_path / "data", database_url=database_url, store_images=False)
+    with TestClient(create_app(settings)) as client:
+        old = [enroll(client, crop(p), identity=f"p{p.pid}")[0] for p in people[:3]]
+    as_version_1(settings.database)
+    assert schema_state(settings.database) == (
+        1,
+        store.SchemaVersion.metadata.tables.keys() - {"gallery_images"},
+    )
+
+    settings = settings.model_copy(update={"store_images": True})
+    with TestClient(create_app(settings)) as client:
+        assert schema_state(settings.database) == (store.SCHEMA_VERSION, set(store.Base.metadata.tables))
+        assert store.SCHEMA_VERSION == 2
+        stats = client.get("/gallery/stats").json()
+        assert stats["entries"] == stats["searchable"] == stats["index_size"] == 3
+        assert stats["stored_images"] == 0
+        for entry, person in zip(old, people, strict=False):
+            assert query(client, crop(person), top_k=1)[0]["entry_id"] == entry["id"]
+            assert client.get(f"/gallery/{entry['id']}").json()["image_url"] is None
+        # Enrolling the same bytes again keeps the entry and now stores its crop.
+        (again,) = client.post("/gallery", files=files(crop(people[0]))).json()["entries"]
+        assert again["id"] == old[0]["id"] and again["status"] == "existing"
+        assert client.get(again["image_url"]).content == crop(people[0])
+    # A second start finds nothing to migrate.
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/gallery/stats").json()["stored_images"] == 1
