@@ -127,6 +127,10 @@ class AttributeModel(_Model):
                 f"network's heads (class counts {heads})"
             )
 
+    def describe(self) -> dict[str, object]:
+        # The groups and their classes: what a client may filter on (the console builds its filters).
+        return {**super().describe(), "groups": {name: list(c) for name, c in self.groups.items()}}
+
     def predict(self, images: Sequence[Image.Image], *, batch_size: int | None = None) -> list[Attributes]:
         """Each crop's attributes; ``batch_size`` crops per forward pass (default: the model's)."""
         results: list[Attributes] = []

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import console
 from app.api import api_router
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
@@ -275,6 +276,7 @@ def create_app(settings: Settings | None = None, *, models: Models | None = None
     app.state.gallery = None
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(api_router)
+    console.mount(app)  # /ui: the web console (open like /docs; its script sends the key)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every answer, 413s included
     return app

@@ -53,5 +53,7 @@ def test_built_wheel_contains_the_bundles(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
     assert "app/settings.py" in names
+    # The web console's files (package data, not modules): without them /ui answers 404 from a wheel.
+    assert {f"app/console/static/{f.name}" for f in (ROOT / "app/console/static").iterdir()} <= names
     for name in SHIPPED:
         assert {f"models_store/{f}" for f in bundle_files(name)} <= names, name

@@ -26,7 +26,8 @@ def client(request, bundles, tmp_path_factory):
 
 
 # Everything a client can reach without a key: liveness, readiness, and the documentation (a browser
-# sends no X-API-Key for the pages' scripts, so the docs, their assets and the OpenAPI document stay open).
+# sends no X-API-Key for the pages' scripts, so the docs, their assets and the OpenAPI document stay open),
+# and the web console's page and files, which hold no data (its script sends the key it is given).
 OPEN = {
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -36,6 +37,8 @@ OPEN = {
     ("GET", "/openapi.json"),
     ("HEAD", "/openapi.json"),
     ("GET", "/static-offline-docs"),
+    ("GET", "/ui"),
+    ("GET", "/ui/static"),
 }
 
 
