@@ -10,6 +10,8 @@ Guarantees, within the one process that serves a database:
 - Only entries made by the loaded re-ID bundle are in the index; others are kept and reported.
 - The same image bytes enrolled twice in one collection give one entry (a unique constraint backs
   this up across processes).
+- A committed entry missing from the index (its index update failed after the commit, or another
+  process wrote it) joins the index when the same bytes are enrolled again, from its stored embedding.
 
 Everything here is synchronous; the API runs it in worker threads.
 """
@@ -280,6 +282,13 @@ class Gallery:
                             keep[entry.id] = (first[digest].content_type, data)
                     store.add_images(session, images=keep)
                     stored |= set(keep)
+                # Searchable but not in the index (its index update failed after the commit, or another
+                # process wrote it): enrolling the same bytes again adds its stored embedding, rather than
+                # answer 'existing' for an entry no search can find. Taken before the refreshes below
+                # make their entries current (those join the index with their new embedding).
+                unindexed = [
+                    e.id for e in known.values() if e.model_version == version and e.id not in self.index
+                ]
                 for digest, entry in known.items():
                     status: EnrollStatus = "existing"
                     if entry.model_version != version:
@@ -288,10 +297,19 @@ class Gallery:
                         status = "refreshed"
                     record = store.entry_record(entry, model_version=version, has_image=entry.id in stored)
                     results[digest] = _enrolled(record, status)
+                repaired: list[int] = []
+                if unindexed:
+                    found, kept = store.embeddings_of(
+                        session, ids=unindexed, model_version=version, dim=self.models.reid.dim
+                    )
+                    repaired = found.tolist()
+                    changed += zip(repaired, kept, strict=True)
             # Committed: only now does the index see the new rows.
             if changed:
                 entry_ids, vectors = zip(*changed, strict=True)
                 self.index.add(np.array(entry_ids), [collection] * len(entry_ids), np.stack(vectors))
+            if repaired:
+                log.warning("entries %s were in the database but not in the index; added", repaired)
         return results
 
     # -- search -------------------------------------------------------------------------------------
