@@ -84,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Resumable and safe while the service runs on the same database.",
     )
     parser.add_argument("--batch-size", type=int, help="crops per batch (default REID_REEMBED_BATCH_SIZE)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="ONNX Runtime threads per model (default REID_INTRA_OP_THREADS, else all cores); on cores "
+        "that other jobs keep busy, 1 is faster (docs/service.md)",
+    )
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -94,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     batch_size = args.batch_size or settings.reembed_batch_size
     if batch_size < 1:
         sys.exit("reid-serve reembed: --batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        sys.exit("reid-serve reembed: --threads must be at least 1")
 
     from app.main import BUNDLE_HELP, preflight  # the service's own start-up checks
 
@@ -107,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=batch_size,
             device=settings.device,
             runtime=settings.runtime,
-            threads=settings.resolved_threads("onnx"),
+            threads=args.threads or settings.resolved_threads("onnx"),
         )
     except BundleError as exc:
         sys.exit(f"reid-serve reembed: {' '.join(str(exc).split())}; {BUNDLE_HELP}")

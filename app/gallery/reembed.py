@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
+from PIL import Image
+
 from app.gallery import store
 from app.gallery.gallery import Gallery
+from app.inference import Models
 from app.preprocess import ImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -95,20 +98,22 @@ def reembed(
     progress.started_at, progress.finished_at = datetime.now(UTC), None
     progress._started, progress.state = time.perf_counter(), "running"
 
-    def read(after_id: int) -> list[store.OutdatedRow]:
+    def read(after_id: int) -> list[_Read]:
         with gallery.sessions() as session:
-            return store.outdated_rows(session, after_id=after_id, limit=batch_size, **versions)
+            rows = store.outdated_rows(session, after_id=after_id, limit=batch_size, **versions)
+        return [_prepare(row, models, max_pixels) for row in rows]
 
-    # The next batch is read from the database while this one runs through the models.
+    # The next batch is read from the database, decoded and resized while this one runs through the
+    # models (ONNX Runtime and Pillow both release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed-read") as reader:
         try:
-            pending: Future[list[store.OutdatedRow]] = reader.submit(read, 0)
+            pending: Future[list[_Read]] = reader.submit(read, 0)
             while True:
-                rows = pending.result()
-                if not rows:
+                batch = pending.result()
+                if not batch:
                     break
-                pending = reader.submit(read, rows[-1].id)
-                items = _compute(gallery, rows, max_pixels, progress)
+                pending = reader.submit(read, batch[-1].row.id)
+                items = _compute(models, batch, progress)
                 written = gallery.write_reembedded(items, update_index=update_index) if items else 0
                 progress.reembedded += written
                 progress.skipped += len(items) - written
@@ -130,39 +135,64 @@ def reembed(
     return progress
 
 
-def _compute(
-    gallery: Gallery, rows: list[store.OutdatedRow], max_pixels: int, progress: ReembedProgress
-) -> list[store.Reembedded]:
+@dataclass
+class _Read:
+    """An outdated row with its crop decoded: ``for_reid`` resized to the re-ID input if it needs a new
+    embedding, ``for_attributes`` as decoded if it needs new attributes; ``error`` if it did not decode."""
+
+    row: store.OutdatedRow
+    for_reid: Image.Image | None = None
+    for_attributes: Image.Image | None = None
+    error: str | None = None
+
+
+def _prepare(row: store.OutdatedRow, models: Models, max_pixels: int) -> _Read:
+    if row.data is None:
+        return _Read(row)
+    try:
+        image = decode_image(row.data, max_pixels=max_pixels)
+    except ImageError as exc:
+        return _Read(row, error=str(exc))
+    read = _Read(row)
+    if row.model_version != models.reid.version:
+        # The resize the model would do (app.preprocess.image_to_array), done here off the model's
+        # thread; the model's own resize to the same size then changes no pixel.
+        height, width = models.reid.input_size
+        read.for_reid = image.resize((width, height), Image.Resampling.BILINEAR)
+    if row.attribute_model_version != models.attributes.version:
+        read.for_attributes = image
+    return read
+
+
+def _compute(models: Models, batch: list[_Read], progress: ReembedProgress) -> list[store.Reembedded]:
     """New embeddings and attributes for the rows that have a readable crop; the rest are counted."""
-    models = gallery.models
     readable = []
-    for row in rows:
-        if row.data is None:
+    for read in batch:
+        if read.row.data is None:
             progress.without_image += 1
-            continue
-        try:
-            readable.append((row, decode_image(row.data, max_pixels=max_pixels)))
-        except ImageError as exc:
-            log.warning("entry %d: stored crop not re-embedded: %s", row.id, exc)
+        elif read.error is not None:
+            log.warning("entry %d: stored crop not re-embedded: %s", read.row.id, read.error)
             progress.failed += 1
-    embed = [(row, image) for row, image in readable if row.model_version != models.reid.version]
-    describe = [
-        (row, image) for row, image in readable if row.attribute_model_version != models.attributes.version
-    ]
+        else:
+            readable.append(read)
+    embed = [r for r in readable if r.for_reid is not None]
+    describe = [r for r in readable if r.for_attributes is not None]
     # One forward pass per batch: the run's batch size, not the service's per-request one.
-    batch = len(rows)
-    vectors = models.reid.embed([image for _, image in embed], batch_size=batch) if embed else []
+    size = len(batch)
+    vectors = models.reid.embed([r.for_reid for r in embed], batch_size=size) if embed else []
     predicted = (
-        models.attributes.predict([image for _, image in describe], batch_size=batch) if describe else []
+        models.attributes.predict([r.for_attributes for r in describe], batch_size=size) if describe else []
     )
-    new_vectors = {row.id: vectors[i] for i, (row, _) in enumerate(embed)}
+    new_vectors = {r.row.id: vectors[i] for i, r in enumerate(embed)}
     new_attributes = {
-        row.id: {name: (v.value, v.score) for name, v in predicted[i].items()}
-        for i, (row, _) in enumerate(describe)
+        r.row.id: {name: (v.value, v.score) for name, v in predicted[i].items()}
+        for i, r in enumerate(describe)
     }
     return [
-        store.Reembedded(seen=row, embedding=new_vectors.get(row.id), attributes=new_attributes.get(row.id))
-        for row, _ in readable
+        store.Reembedded(
+            seen=r.row, embedding=new_vectors.get(r.row.id), attributes=new_attributes.get(r.row.id)
+        )
+        for r in readable
     ]
 
 
