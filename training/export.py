@@ -7,10 +7,11 @@ with ``app.bundle.build_network`` before saving, so a bundle that exports is one
 
 What differs between tasks is only the manifest's task-specific fields, looked up in
 :data:`MANIFEST_FIELDS` by the checkpoint's task: ``attributes`` adds the attribute schema; ``reid``
-calls ``training.tasks.reid.manifest_fields(checkpoint, run_dir)`` (the re-ID task's own code, imported
-only when a re-ID run is exported), which returns the embedding spec, the match threshold and its metrics.
-A fields function runs before the network is rebuilt and may edit ``checkpoint['architecture']`` and
-``checkpoint['model']`` in place to drop training-only parts (the re-ID identity classifiers).
+calls ``training.tasks.reid_outputs.manifest_fields(checkpoint, run_dir)`` (the re-ID task's own code,
+imported only when a re-ID run is exported), which returns the embedding spec, the match threshold and
+its metrics. A fields function runs before the network is rebuilt and may edit
+``checkpoint['architecture']`` and ``checkpoint['model']`` in place to drop training-only parts (the
+re-ID identity classifiers).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _reid_fields(
     checkpoint: dict[str, Any], run_dir: Path, metrics_from: Path | None = None
 ) -> dict[str, Any]:
     from app.bundle import read_manifest
-    from training.tasks.reid import manifest_fields  # the re-ID task's own code
+    from training.tasks.reid_outputs import manifest_fields  # the re-ID task's own code
 
     source = read_manifest(metrics_from) if metrics_from is not None else None
     if source is not None and source.task != "reid":

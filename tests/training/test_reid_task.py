@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.tasks.reid import (
-    RECIPES,
-    ReIDTask,
-    ReIDTrainConfig,
-    branch_outputs,
-    load_reid_data,
-)
+from training.tasks.reid import RECIPES, ReIDTask, ReIDTrainConfig, branch_outputs
+from training.tasks.reid_data import load_reid_data
 
 
 def _config(root, tmp_path, recipe="modern", **kw):

@@ -122,7 +122,7 @@ def evaluate_reid(
 def record_in_manifest(bundle: Path, results: list[dict[str, Any]]) -> Path:
     """Write evaluated metrics into a re-ID bundle's manifest (not its weights); returns the manifest."""
     from app.bundle import MANIFEST, QueryExpansionSpec, read_manifest, write_manifest
-    from training.tasks.reid import query_expansion_spec
+    from training.tasks.reid_outputs import query_expansion_spec
 
     if not (bundle / MANIFEST).is_file():
         raise ValueError(f"--record needs a bundle directory; {bundle} has no {MANIFEST}")
@@ -195,13 +195,9 @@ def evaluate_source(
     from app.nets.bundles import build_network, load_bundle
     from training.data.market import load_market
     from training.engine import BEST, CONFIG_FILE, load_checkpoint, resolve_device
-    from training.tasks.reid import (
-        ReIDTrainConfig,
-        load_reid_data,
-        market_test_set,
-        with_distractors,
-        write_reid_outputs,
-    )
+    from training.tasks.reid import ReIDTrainConfig
+    from training.tasks.reid_data import load_reid_data, market_test_set, with_distractors
+    from training.tasks.reid_outputs import write_reid_outputs
 
     target = resolve_device(device)
     if (source / MANIFEST).is_file():

@@ -99,7 +99,9 @@ def run_training(
 ) -> tuple[Any, dict[str, Any], Path]:
     """Build the config (recipe + options, or the saved one on resume), train, evaluate the best epoch."""
     from training.engine import Trainer, keep_freed_memory, seed_everything
-    from training.tasks.reid import ReIDTask, ReIDTrainConfig, finish_reid_run, load_reid_data
+    from training.tasks.reid import ReIDTask, ReIDTrainConfig
+    from training.tasks.reid_data import load_reid_data
+    from training.tasks.reid_outputs import finish_reid_run
 
     if resume:
         config = prepare_config(ReIDTrainConfig, options, run_dir, resume=True)
