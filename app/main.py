@@ -150,6 +150,8 @@ async def _keep_index_in_sync(gallery: Gallery, seconds: float) -> None:
             await run_in_threadpool(gallery.sync_index)
         except SQLAlchemyError as exc:  # the database away for a moment: try again next time
             log.warning("index sync with the database failed: %s", exc)
+        except Exception:  # never let the poll take the service down with it
+            log.exception("index sync failed")
 
 
 class BodySizeLimit:

@@ -108,6 +108,7 @@ def reembed(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reembed-read") as reader:
         try:
             pending: Future[list[_Read]] = reader.submit(read, 0)
+            stopped = False
             while True:
                 batch = pending.result()
                 if not batch:
@@ -120,19 +121,24 @@ def reembed(
                 if on_batch is not None:
                     on_batch(progress)
                 if stop is not None and stop.is_set():
-                    progress.state = "stopped"
+                    stopped = True
                     break
-            if progress.state == "running":
-                progress.state = "done"
+            _finish(progress, "stopped" if stopped else "done")
         except Exception as exc:
-            progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
+            _finish(progress, "failed", f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            progress._elapsed = time.perf_counter() - progress._started
-            progress.finished_at = datetime.now(UTC)
             if on_batch is not None:
                 on_batch(progress)
     return progress
+
+
+def _finish(progress: ReembedProgress, state: ReembedState, error: str | None = None) -> None:
+    # The times first: a reader that sees the final state also sees the run's final rate.
+    progress._elapsed = time.perf_counter() - progress._started
+    progress.finished_at = datetime.now(UTC)
+    progress.error = error
+    progress.state = state
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from sqlalchemy import create_engine, func, select
 from app.attribute_schema import schema_as_dict
 from app.gallery import store
 from app.gallery.gallery import Gallery
+from app.gallery.reembed import reembed
 from app.inference import Models
 from app.main import create_app
 from app.preprocess import decode_image
@@ -249,3 +251,22 @@ def test_the_command_is_resumable_and_a_running_service_picks_its_rows_up(
     assert counts["gallery_entries"] == counts["gallery_embeddings"] == total
     assert counts["gallery_entry_attributes"] == total * GROUPS
     assert counts["versions"] == {version: total - 1, entries[19]["model_version"]: 1}
+
+
+def test_a_stopped_run_ends_between_batches_and_the_next_one_goes_on(
+    bundles, other_reid_bundle, database_url, tmp_path, people
+):
+    old = make_settings(bundles, tmp_path / "data", database_url=database_url)
+    enroll_old(old, people[:6])
+    gallery = Gallery.open(old.database, Models.load(bundles.attributes, other_reid_bundle))
+    try:
+        stop = threading.Event()
+        stop.set()  # as SIGINT does to the command: the batch in flight is finished, then it stops
+        first = reembed(gallery, batch_size=2, max_pixels=old.max_pixels, stop=stop)
+        assert (first.state, first.total, first.reembedded) == ("stopped", 6, 2)
+        assert first.finished_at is not None and first.error is None
+        second = reembed(gallery, batch_size=2, max_pixels=old.max_pixels)
+        assert (second.state, second.total, second.reembedded) == ("done", 4, 4)
+        assert len(gallery.index) == 6
+    finally:
+        gallery.close()
