@@ -15,10 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,12 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import console
-from app.api import api_router
+from app.api import build_router, problems, reid
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
 from app.gallery.reembed import ReembedJob
 from app.gallery.store import SchemaError, open_engine, stored_schema_version
-from app.inference import Models, check_bundle
+from app.inference import AttributeModel, Models, check_bundle
 from app.metrics import ServiceMetrics
 from app.runtimes import TORCH_MISSING, choose_runtime, torch_available, verify_files
 from app.security import key_digests
@@ -46,9 +43,9 @@ BUNDLE_HELP = (
 
 DESCRIPTION = """Pedestrian attributes, a gallery of enrolled crops and re-identification queries.
 
-Images are sent as multipart files; every error is a JSON object with a `detail` sentence.
-When the service runs with `REID_API_KEYS`, send one of the keys in the `X-API-Key` header
-(every endpoint but `/healthz` and `/readyz`).
+Images are sent as multipart files. Every error is RFC 9457 problem details
+(`application/problem+json`): `type`, `title`, `status`, `instance`, a `detail` sentence naming the
+problem and, for validation errors (422), the per-field `errors`.
 """
 
 
@@ -161,13 +158,14 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body is larger than the limit of {self.max_bytes} bytes"})
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        detail = f"request body is larger than the limit of {self.max_bytes} bytes"
+        body = json.dumps(problems.problem_body(413, detail, instance=scope["path"]))
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                "headers": [(b"content-type", problems.MEDIA_TYPE.encode()), (b"connection", b"close")],
             }
         )
         await send({"type": "http.response.body", "body": body.encode()})
@@ -178,7 +176,7 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         received = 0
         exceeded = False
@@ -199,7 +197,7 @@ class BodySizeLimit:
             if exceeded:  # whatever the app answers after the limit tripped is replaced by the 413
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._reject(send)
+                    await self._reject(scope, send)
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -208,7 +206,7 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(scope, send)
 
 
 class _BodyTooLarge(Exception):
@@ -238,23 +236,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", "<unmatched>")
+            # The template without convertors (/gallery/{entry_id}, as the document names it).
+            route = getattr(scope.get("route"), "path_format", "<unmatched>")
             method = scope["method"]
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with one readable sentence in ``detail`` (and FastAPI's error list in ``errors``)."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
-        parts.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
-    errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b[:64].decode("latin-1")})
-    for error in errors:
-        error.pop("input", None)  # may echo a whole upload
-        error.pop("ctx", None)
-    return JSONResponse({"detail": "; ".join(parts), "errors": errors}, status_code=422)
 
 
 def create_app(settings: Settings | None = None, *, models: Models | None = None) -> FastAPI:
@@ -276,12 +262,22 @@ def create_app(settings: Settings | None = None, *, models: Models | None = None
     app.state.loaded_models = models
     app.state.models = None
     app.state.gallery = None
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.include_router(api_router)
+    # The document is made at its first request; by then the service has loaded its models.
+    finish = [
+        partial(reid.document_top_k_limit, max_top_k=settings.max_top_k),
+        lambda document: reid.document_attribute_filters(document, _attribute_model(app)),
+    ]
+    problems.install(app, finish=finish)
+    app.include_router(build_router(api_keys=bool(settings.api_keys)))
     console.mount(app)  # /ui: the web console (open like /docs; its script sends the key)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every answer, 413s included
     return app
+
+
+def _attribute_model(app: FastAPI) -> AttributeModel | None:
+    models = app.state.models or app.state.loaded_models
+    return models.attributes if models is not None else None
 
 
 def preflight(settings: Settings) -> str | None:

@@ -1,17 +1,26 @@
-"""All routers, assembled in one place; everything but /healthz and /readyz needs an API key when keys
-are configured."""
+"""All routers, assembled in one place; with API keys configured, everything but /healthz and /readyz
+needs one."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from app.api import admin, attributes, gallery, health, metrics, models, reid
-from app.api.bodies import Problem
+from app.api.problems import problem_responses
 from app.security import require_api_key
 
-UNAUTHORIZED = {401: {"model": Problem, "description": "Missing or invalid X-API-Key."}}
 
-api_router = APIRouter()
-api_router.include_router(health.router)
-for module in (attributes, gallery, reid, models, metrics, admin):
-    api_router.include_router(module.router, dependencies=[Depends(require_api_key)], responses=UNAUTHORIZED)
+def build_router(*, api_keys: bool) -> APIRouter:
+    """The API; with ``api_keys`` every operation but the probes needs ``X-API-Key`` and declares it.
+
+    Without keys the guard is left out altogether, so the document declares no security scheme and no
+    401 that the service never answers."""
+    router = APIRouter()
+    router.include_router(health.router)
+    for module in (attributes, gallery, reid, models, metrics, admin):
+        if api_keys:
+            guard = [Depends(require_api_key)]
+            router.include_router(module.router, dependencies=guard, responses=problem_responses(401))
+        else:
+            router.include_router(module.router)
+    return router

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from app.api.bodies import ReembedStarted, ReembedStatus
+from app.api.problems import problem_responses
 from app.deps import ReembedJobDep
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -14,7 +15,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
     "/reembed",
     response_model=ReembedStarted,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={200: {"model": ReembedStarted, "description": "A run was already going; nothing started."}},
+    responses={200: {"model": ReembedStarted, "description": "A run was already going; nothing started."}}
+    | problem_responses(503),
 )
 def start_reembed(job: ReembedJobDep, response: Response) -> ReembedStarted:
     """Re-embed, in the background, every entry made by another re-ID or attribute bundle from its stored

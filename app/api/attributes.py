@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Request, UploadFile
 
-from app.api.bodies import AttributesResponse, AttributeValue, CropAttributes, ModelRef, Problem
+from app.api.bodies import AttributesResponse, AttributeValue, CropAttributes, ModelRef
+from app.api.forms import Files
+from app.api.problems import problem_responses
 from app.api.uploads import decode_images, offload, read_images
 from app.deps import ModelsDep, SettingsDep
 from app.inference import AttributeModel
 
 router = APIRouter(prefix="/attributes", tags=["attributes"])
 
-ERRORS = {
-    413: {"model": Problem, "description": "Too many images, or one too large (bytes or pixels)."},
-    415: {"model": Problem, "description": "A file is not a readable image."},
-    422: {"model": Problem, "description": "Missing or malformed fields."},
-}
+ERRORS = problem_responses(400, 413, 415, 422, 503)
 
 
 def _predict(model: AttributeModel, blobs, max_pixels: int) -> list[CropAttributes]:
@@ -35,7 +33,7 @@ async def predict_attributes(
     request: Request,
     models: ModelsDep,
     settings: SettingsDep,
-    images: Annotated[list[UploadFile], File(description="One or more person crops (repeat the field).")],
+    images: Annotated[list[UploadFile], Files(description="One or more person crops (repeat the field).")],
 ) -> AttributesResponse:
     """For each crop, every attribute group's predicted class and its probability."""
     blobs = await read_images(images, settings)

@@ -21,10 +21,31 @@ _ATTRS_EXAMPLE = {
 _SHA_EXAMPLE = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
 
-class Problem(BaseModel):
-    """Every error: a 4xx (or 503) status and a sentence naming the problem."""
+class FieldError(BaseModel):
+    """One field that failed validation (pydantic's error, without the input it was given)."""
 
-    detail: str = Field(examples=["images[0] 'cam1.jpg': not a readable image"])
+    type: str = Field(examples=["int_parsing"])
+    loc: list[str | int] = Field(examples=[["body", "top_k"]])
+    msg: str = Field(examples=["Input should be a valid integer"])
+
+
+class Problem(BaseModel):
+    """Every 4xx and 5xx: RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str = Field(
+        default="about:blank", description="Always about:blank: the status and title say what happened."
+    )
+    title: str = Field(description="The HTTP status phrase.", examples=["Unsupported Media Type"])
+    status: int = Field(ge=400, le=599, examples=[415])
+    detail: str = Field(
+        description="One sentence naming the problem.",
+        examples=["images[0] 'cam1.jpg': not a readable image"],
+    )
+    instance: str = Field(description="The request's path.", examples=["/gallery"])
+    errors: list[FieldError] | None = Field(
+        default=None,
+        description="Validation errors (422 only, absent otherwise): each failing field and why.",
+    )
 
 
 class ModelRef(BaseModel):

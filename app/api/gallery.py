@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, Form, HTTPException, Query, Request, Response, UploadFile, status
 
 from app.api.bodies import (
     Deleted,
@@ -14,9 +14,10 @@ from app.api.bodies import (
     EntryPage,
     GalleryEntry,
     GalleryStats,
-    Problem,
     ReembedStatus,
 )
+from app.api.forms import Files, JsonObjectForm, OptionalForm
+from app.api.problems import problem_responses
 from app.api.uploads import decode_crops, offload, read_images
 from app.deps import NO_NUL, EntryDep, EntryId, GalleryDep, ReembedJobDep, SessionDep, SettingsDep
 from app.gallery import store
@@ -26,12 +27,10 @@ router = APIRouter(prefix="/gallery", tags=["gallery"])
 
 COLLECTION = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_METADATA_CHARS = 16_384
-NOT_FOUND = {404: {"model": Problem, "description": "No entry with this id."}}
-UPLOAD_ERRORS = {
-    413: {"model": Problem, "description": "Too many images, or one too large (bytes or pixels)."},
-    415: {"model": Problem, "description": "A file is not a readable image."},
-    422: {"model": Problem, "description": "Missing or malformed fields (e.g. metadata not a JSON object)."},
-}
+BY_ID = problem_responses(404, 422, 503)
+UPLOAD_ERRORS = problem_responses(
+    400, 413, 415, 422, 503, s422="Missing or malformed fields (e.g. metadata not a JSON object)."
+)
 
 
 def _blank_to_none(value: str | None) -> str | None:
@@ -65,18 +64,22 @@ async def enroll(
     gallery: GalleryDep,
     settings: SettingsDep,
     images: Annotated[
-        list[UploadFile], File(description="One or more crops of one person (repeat the field).")
+        list[UploadFile], Files(description="One or more crops of one person (repeat the field).")
     ],
     identity: Annotated[
         str | None,
-        Form(max_length=256, pattern=NO_NUL, description="Who this is, if known.", examples=["person-0007"]),
+        OptionalForm(
+            max_length=256, pattern=NO_NUL, description="Who this is, if known.", examples=["person-0007"]
+        ),
     ] = None,
-    camera_id: Annotated[str | None, Form(max_length=128, pattern=NO_NUL, examples=["cam-3"])] = None,
+    camera_id: Annotated[str | None, OptionalForm(max_length=128, pattern=NO_NUL, examples=["cam-3"])] = None,
     captured_at: Annotated[
-        datetime | None, Form(description="ISO 8601; without a zone it means UTC.")
+        datetime | None, OptionalForm(description="ISO 8601; without a zone it means UTC.")
     ] = None,
-    track_id: Annotated[str | None, Form(max_length=128, pattern=NO_NUL)] = None,
-    metadata: Annotated[str | None, Form(description='A JSON object, e.g. {"site": "north gate"}.')] = None,
+    track_id: Annotated[str | None, OptionalForm(max_length=128, pattern=NO_NUL)] = None,
+    metadata: Annotated[
+        str | None, JsonObjectForm(description='A JSON object, e.g. {"site": "north gate"}.')
+    ] = None,
     collection: Annotated[str, Form(pattern=COLLECTION)] = "default",
 ) -> EnrollResponse:
     """Store crops with their embedding and attributes; the same bytes again return the same entry."""
@@ -105,7 +108,7 @@ async def enroll(
     )
 
 
-@router.get("", response_model=EntryPage)
+@router.get("", response_model=EntryPage, responses=problem_responses(422, 503))
 def list_entries(
     session: SessionDep,
     gallery: GalleryDep,
@@ -135,7 +138,7 @@ def list_entries(
     )
 
 
-@router.get("/stats", response_model=GalleryStats)
+@router.get("/stats", response_model=GalleryStats, responses=problem_responses(503))
 def stats(gallery: GalleryDep, job: ReembedJobDep) -> GalleryStats:
     """Entry counts per collection; entries of other re-ID bundle versions are counted apart; the
     progress of the service's re-embedding run."""
@@ -144,7 +147,7 @@ def stats(gallery: GalleryDep, job: ReembedJobDep) -> GalleryStats:
     return body
 
 
-@router.get("/{entry_id}", response_model=GalleryEntry, responses=NOT_FOUND)
+@router.get("/{entry_id:int}", response_model=GalleryEntry, responses=BY_ID)
 def get_entry(entry: EntryDep, gallery: GalleryDep, session: SessionDep) -> GalleryEntry:
     has_image = bool(store.with_image(session, ids=[entry.id]))
     record = store.entry_record(entry, model_version=gallery.model_version, has_image=has_image)
@@ -152,15 +155,15 @@ def get_entry(entry: EntryDep, gallery: GalleryDep, session: SessionDep) -> Gall
 
 
 @router.get(
-    "/{entry_id}/image",
+    "/{entry_id:int}/image",
     response_class=Response,
     responses={
         200: {
             "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}},
             "description": "The crop's bytes exactly as enrolled, with the type of image they are.",
         },
-        404: {"model": Problem, "description": "No entry with this id, or no crop kept for it."},
-    },
+    }
+    | problem_responses(404, 422, 503, s404="No entry with this id, or no crop kept for it."),
 )
 def get_image(entry_id: EntryId, session: SessionDep, request: Request) -> Response:
     """The crop an entry was enrolled from (kept unless the service runs with REID_STORE_IMAGES=false)."""
@@ -183,7 +186,7 @@ def get_image(entry_id: EntryId, session: SessionDep, request: Request) -> Respo
     return Response(data, media_type=content_type, headers=headers)
 
 
-@router.delete("/{entry_id}", response_model=Deleted, responses=NOT_FOUND)
+@router.delete("/{entry_id:int}", response_model=Deleted, responses=BY_ID)
 def delete_entry(entry_id: EntryId, gallery: GalleryDep) -> Deleted:
     """Remove one entry from the database and the index."""
     if not gallery.delete(entry_id):
@@ -191,7 +194,7 @@ def delete_entry(entry_id: EntryId, gallery: GalleryDep) -> Deleted:
     return Deleted(deleted=1, ids=[entry_id])
 
 
-@router.delete("", response_model=Deleted)
+@router.delete("", response_model=Deleted, responses=problem_responses(422, 503))
 def erase_identity(
     gallery: GalleryDep,
     identity: Annotated[

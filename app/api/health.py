@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from app.api.bodies import Health
+from app.api.problems import problem, problem_responses
 
 router = APIRouter(tags=["service"])
 
@@ -16,10 +17,14 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-async def readyz(request: Request):
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses=problem_responses(503, s503="Starting: models not loaded or the index not built yet."),
+)
+async def readyz(request: Request) -> Health | Response:
     """Models loaded and the index built."""
     state = request.app.state
     if getattr(state, "models", None) is None or getattr(state, "gallery", None) is None:
-        return JSONResponse({"status": "starting"}, status_code=503)
+        return problem(request, 503, "starting: models not loaded or the index not built yet")
     return Health(status="ok")

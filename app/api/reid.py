@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, Form, HTTPException, Request, Response, UploadFile
 from pydantic_core import to_json
 
-from app.api.bodies import Problem, QueryResponse
+from app.api.bodies import QueryResponse
+from app.api.forms import Files, OptionalForm
+from app.api.problems import problem_responses
 from app.api.uploads import decode_images, offload, read_images
 from app.deps import NO_NUL, GalleryDep, ModelsDep, SettingsDep
 from app.gallery.store import SearchFilters
@@ -16,11 +18,31 @@ from app.inference import AttributeModel
 
 router = APIRouter(prefix="/reid", tags=["reid"])
 
-ERRORS = {
-    413: {"model": Problem, "description": "The image is too large (bytes or pixels)."},
-    415: {"model": Problem, "description": "The file is not a readable image."},
-    422: {"model": Problem, "description": "Missing or malformed fields, unknown attribute filter."},
-}
+ERRORS = problem_responses(
+    400,
+    413,
+    415,
+    422,
+    503,
+    s422="Missing or malformed fields, top_k over the limit, unknown attribute filter.",
+)
+
+
+def document_top_k_limit(document: dict[str, Any], max_top_k: int) -> None:
+    """Write the deployment's REID_MAX_TOP_K into the document as top_k's maximum (a setting, so the
+    route's own declaration cannot hold it)."""
+    schemas = document["components"]["schemas"]
+    schemas["Body_query_reid_query_post"]["properties"]["top_k"]["maximum"] = max_top_k
+
+
+def document_attribute_filters(document: dict[str, Any], model: AttributeModel | None) -> None:
+    """List the loaded attribute bundle's ``group=class`` values as ``attribute``'s enum (an empty value
+    is ignored, as a blank form field); without a loaded bundle the document leaves them open."""
+    if model is None:
+        return
+    values = [""] + [f"{group}={value}" for group, classes in model.groups.items() for value in classes]
+    schemas = document["components"]["schemas"]
+    schemas["Body_query_reid_query_post"]["properties"]["attribute"]["items"]["enum"] = values
 
 
 def parse_attribute_filters(values: list[str], model: AttributeModel) -> dict[str, tuple[str, ...]]:
@@ -49,7 +71,7 @@ async def query(
     settings: SettingsDep,
     image: Annotated[
         list[UploadFile],
-        File(
+        Files(
             description="One person crop, or several crops of one person (a track; repeat the field): "
             "their embeddings are averaged into one query."
         ),
@@ -65,10 +87,10 @@ async def query(
         list[str], Form(description="No entries from these cameras (repeat the field).")
     ] = [],  # noqa: B006
     captured_after: Annotated[
-        datetime | None, Form(description="ISO 8601; entries captured at or after this time.")
+        datetime | None, OptionalForm(description="ISO 8601; entries captured at or after this time.")
     ] = None,
     captured_before: Annotated[
-        datetime | None, Form(description="ISO 8601; entries captured at or before this time.")
+        datetime | None, OptionalForm(description="ISO 8601; entries captured at or before this time.")
     ] = None,
     attribute: Annotated[
         list[str],
@@ -78,7 +100,9 @@ async def query(
             examples=[["upper_colour=red", "gender=female"]],
         ),
     ] = [],  # noqa: B006
-    min_score: Annotated[float | None, Form(ge=-1, le=1, description="Drop matches below this.")] = None,
+    min_score: Annotated[
+        float | None, OptionalForm(ge=-1, le=1, description="Drop matches below this.")
+    ] = None,
     query_expansion: Annotated[
         bool,
         Form(

@@ -51,8 +51,10 @@ def noise_png(size: int) -> bytes:
 
 def check(response, status: int, *words: str) -> None:
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    detail = response.json()["detail"]
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
+    detail = body["detail"]
     assert isinstance(detail, str) and detail
     for word in words:
         assert word in detail, detail
@@ -192,7 +194,10 @@ def test_missing_or_misplaced_files(client, good):
 def test_unknown_entries_and_bad_paths(client):
     check(client.get("/gallery/987654"), 404, "987654")
     check(client.delete("/gallery/987654"), 404, "987654")
-    check(client.get("/gallery/abc"), 422, "entry_id")
+    # Entry ids are integers in the path itself: /gallery/abc (or /gallery/stats with DELETE) is no
+    # entry route, so it is an unknown path, not a malformed id.
+    check(client.get("/gallery/abc"), 404, "no such path")
+    check(client.delete("/gallery/stats"), 405)
     check(client.get(f"/gallery/{10**20}"), 422, "entry_id")
     check(client.delete(f"/gallery/{2**63}"), 422, "entry_id")
     check(client.get("/gallery", params={"offset": 10**20}), 422, "offset")

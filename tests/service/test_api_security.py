@@ -53,7 +53,9 @@ def served(app) -> dict[tuple[str, str], str]:
             urls[("GET", route.path)] = f"{route.path}/{first}"
             continue
         for method in route.methods:
-            urls[(method, route.path)] = re.sub(r"\{[^}]+\}", "1", route.path)
+            # The template as the document names it (no convertor: /gallery/{entry_id}).
+            template = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+            urls[(method, template)] = re.sub(r"\{[^}]+\}", "1", route.path)
     return urls
 
 
@@ -100,7 +102,7 @@ def test_everything_else_needs_a_valid_key(client, people, headers, message):
         upload = {"files": files(blob, field="image" if path == "/reid/query" else "images")}
         response = client.request(method, url, headers=headers, **(upload if method == "POST" else {}))
         assert response.status_code == 401, (method, path)
-        assert response.json() == {"detail": message}, (method, path)
+        assert response.json()["detail"] == message, (method, path)
         assert response.headers["www-authenticate"] == "X-API-Key", (method, path)
     assert client.get("/gallery/stats", headers={"X-API-Key": KEYS[0]}).json()["entries"] == 0
 

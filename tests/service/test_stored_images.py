@@ -62,7 +62,7 @@ def test_the_image_is_revalidated_by_its_sha256(client, people):
 def test_unknown_entry_or_no_image_is_a_404_that_says_which(client):
     response = client.get("/gallery/999/image")
     assert response.status_code == 404
-    assert response.json() == {"detail": "no gallery entry with id 999"}
+    assert response.json()["detail"] == "no gallery entry with id 999"
     assert client.get("/gallery/0/image").status_code == 422
 
 
@@ -92,7 +92,7 @@ def test_store_images_off_keeps_none_and_turning_it_on_fills_them_in(bundles, da
         assert query(client, blob, top_k=1)[0]["image_url"] is None
         response = client.get(f"/gallery/{entry['id']}/image")
         assert response.status_code == 404
-        assert response.json() == {"detail": f"gallery entry {entry['id']} has no stored image"}
+        assert response.json()["detail"] == f"gallery entry {entry['id']} has no stored image"
         assert client.get("/gallery/stats").json()["stored_images"] == 0
     assert stored_rows(off.database) == {}
 
