@@ -50,12 +50,15 @@ def test_monitor_picks_the_best_epoch_by_that_metric(attribute_run):
 def test_resume_continues_and_refuses_changes(attribute_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(attribute_run, run)
-    result = invoke("train-attributes", "--resume", "--run-dir", run, "--epochs", "3", "--no-progress")
+    result = invoke(
+        "train-attributes", "--resume", "--run-dir", run, "--epochs", "3", "--no-amp", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert len((run / "commands.txt").read_text().splitlines()) == 2  # the start, then this resume
-    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 3 and (saved["amp"], saved["precision"]) == (False, "fp32")  # may change
     refused = invoke("train-attributes", "--resume", "--run-dir", run, "--lr", "0.1")
     assert refused.exit_code == 1 and "cannot change: lr" in refused.output
 

@@ -52,6 +52,12 @@ def train_attributes(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    amp: Annotated[
+        bool | None,
+        typer.Option(
+            "--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on a CPU that has it (default on)."
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Threads for decoding images into the cache.")] = None,
     threads: Annotated[
         int | None,
@@ -102,6 +108,7 @@ def train_attributes(
         "monitor": monitor,
         "monitor_mode": (None if monitor is None else "min" if monitor.endswith("loss") else "max"),
         "device": device,
+        "amp": amp,
         "workers": workers,
         "threads": threads,
         "split_file": str(split_file) if split_file else None,
