@@ -133,8 +133,8 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(amp: bool, device: torch.device) -> str:
     """fp16 autocast on CUDA, bf16 on a CPU with native bf16, fp32 otherwise or without ``amp``.
 
-    bf16 autocast trained the two-branch OSNet 1.83x faster than fp32 on this project's 2-core CPU
-    (docs/training.md has the accuracy check).
+    bf16 autocast trains the two-branch OSNet 1.1-1.8x faster than fp32 on this project's 2-core CPU,
+    with the same accuracy on a full run (docs/models.md, "bf16 training").
     """
     if not amp:
         return "fp32"
