@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -178,3 +179,21 @@ def database_for(kind: str, directory: Path) -> str:
 
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def wait_ready(process: subprocess.Popen[str], base: str, timeout: float = 90.0) -> None:
+    """Poll ``base``/readyz until it answers 200; fail with the server's output if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "reid-serve did not become ready"
+        time.sleep(0.3)

@@ -14,14 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.helpers import crop, files
+from tests.service.helpers import crop, files, wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "browser-test-key"
@@ -64,16 +63,7 @@ def service(bundles, tmp_path_factory) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "reid-serve did not become ready"
-            time.sleep(0.3)
+        wait_ready(process, base)
         yield base
     finally:
         process.send_signal(signal.SIGINT)

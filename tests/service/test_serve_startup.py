@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app, preflight, serve
 from app.settings import SHIPPED_MODELS_DIR, Settings
-from tests.service.helpers import crop, enroll, files, query
+from tests.service.helpers import crop, enroll, files, query, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,16 +161,7 @@ def test_reid_serve_runs_with_shipped_layout(monkeypatch, bundles, database_url,
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "reid-serve did not become ready"
-            time.sleep(0.3)
+        wait_ready(process, base)
         with httpx.Client(base_url=base, timeout=30) as client:
             response = client.post("/gallery", files=files(crop(people[0])), data={"identity": "served"})
             assert response.status_code == 201, response.text
