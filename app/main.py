@@ -32,7 +32,7 @@ from app.inference import AttributeModel, Models, check_bundle
 from app.metrics import ServiceMetrics
 from app.runtimes import TORCH_MISSING, choose_runtime, torch_available, verify_files
 from app.security import key_digests
-from app.settings import Settings
+from app.settings import Settings, settings_or_exit
 
 log = logging.getLogger("app")
 
@@ -340,10 +340,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings()
-    except Exception as exc:  # pydantic's message names the bad variable
-        sys.exit(f"reid-serve: invalid settings: {exc}".replace("\n", " "))
+    settings = settings_or_exit("reid-serve")
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     problem = preflight(settings)

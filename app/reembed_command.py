@@ -21,7 +21,7 @@ from app.gallery import store
 from app.gallery.gallery import Gallery
 from app.gallery.reembed import ReembedProgress, reembed
 from app.inference import Models
-from app.settings import Settings
+from app.settings import settings_or_exit
 
 BAR_WIDTH = 30
 
@@ -93,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings()
-    except Exception as exc:  # pydantic's message names the bad variable
-        sys.exit(f"reid-serve reembed: invalid settings: {exc}".replace("\n", " "))
+    settings = settings_or_exit("reid-serve reembed")
     batch_size = args.batch_size or settings.reembed_batch_size
     if batch_size < 1:
         sys.exit("reid-serve reembed: --batch-size must be at least 1")

@@ -6,6 +6,7 @@ Relative paths are relative to the current directory. ``docs/service.md`` has th
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -225,3 +226,11 @@ class Settings(BaseSettings):
 
     def key_bytes(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.api_keys]
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """The settings from the environment, or exit with one line that names the bad variable."""
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's message names the bad variable
+        sys.exit(f"{prog}: invalid settings: {exc}".replace("\n", " "))
