@@ -176,7 +176,7 @@ def get_image(entry_id: EntryId, session: SessionDep, request: Request) -> Respo
     etag = f'"{sha256}"'  # the entry's sha256 is that of these bytes
     headers = {
         "ETag": etag,
-        # Ids can come back after a delete (SQLite reuses the highest), so caches must revalidate.
+        # Ids are never reused, but an entry can be deleted: caches must revalidate.
         "Cache-Control": "private, no-cache",
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "default-src 'none'; sandbox",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,8 +50,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.schema import CreateTable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Where the API serves an entry's stored crop; entries and matches carry it so clients build no URLs.
 IMAGE_URL = "/gallery/{}/image"
@@ -95,6 +97,9 @@ class Entry(Base):
         # Covers the per-collection count and id sum of a version that the index sync polls for
         # (Gallery.sync_index): 13 ms at 100k entries on SQLite, against 51 ms with model_version alone.
         Index("ix_gallery_entries_version_collection", "model_version", "collection"),
+        # An id is never handed out twice (SQLite would otherwise reuse the highest one after its
+        # delete; PostgreSQL's sequence never does): clients and caches may hold on to ids.
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -153,8 +158,27 @@ def _stored_crops(conn: Connection) -> None:
     next(i for i in Entry.__table__.indexes if i.name == "ix_gallery_entries_version_collection").create(conn)
 
 
+def _ids_never_reused(conn: Connection) -> None:
+    # v2 -> v3: SQLite gives gallery_entries AUTOINCREMENT, which only a new table can have: made,
+    # filled, the old one dropped (foreign keys are off during migrations, so nothing cascades), renamed,
+    # its indexes made again; the id counter starts above the highest id. PostgreSQL: nothing to do.
+    if conn.dialect.name != "sqlite":
+        return
+    table = Entry.__table__
+    columns = ", ".join(c.name for c in table.columns)
+    ddl = str(CreateTable(table).compile(dialect=conn.dialect))
+    conn.exec_driver_sql(ddl.replace("CREATE TABLE gallery_entries", "CREATE TABLE gallery_entries_v3", 1))
+    conn.exec_driver_sql(f"INSERT INTO gallery_entries_v3 ({columns}) SELECT {columns} FROM gallery_entries")
+    conn.exec_driver_sql("DROP TABLE gallery_entries")
+    conn.exec_driver_sql("ALTER TABLE gallery_entries_v3 RENAME TO gallery_entries")
+    for index in table.indexes:
+        index.create(conn)
+    if conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+        raise SchemaError("rebuilding gallery_entries broke a foreign key; the migration was rolled back")
+
+
 # version -> step that upgrades a database from version-1 to version.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _stored_crops}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _stored_crops, 3: _ids_never_reused}
 
 
 class SchemaError(RuntimeError):
@@ -226,10 +250,30 @@ def prepare_schema(engine: Engine) -> int:
             conn.execute(SchemaVersion.__table__.insert().values(version=SCHEMA_VERSION))
             return SCHEMA_VERSION
     for version in range(current + 1, SCHEMA_VERSION + 1):
-        with engine.begin() as conn:
+        with engine.connect() as conn, _migrating(conn):
             MIGRATIONS[version](conn)
             conn.execute(SchemaVersion.__table__.update().values(version=version))
     return SCHEMA_VERSION
+
+
+@contextmanager
+def _migrating(conn: Connection) -> Iterator[None]:
+    """One transaction for a migration step. On SQLite with foreign keys off (a table rebuild's drop must
+    not cascade to the rows that refer to it; the pragma only works outside a transaction) and an explicit
+    BEGIN (pysqlite would run the DDL before the first write outside any transaction)."""
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.commit()
+    try:
+        with conn.begin():
+            if sqlite:
+                conn.exec_driver_sql("BEGIN")
+            yield
+    finally:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 def drop_schema(engine: Engine) -> None:

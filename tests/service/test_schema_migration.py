@@ -57,7 +57,7 @@ def test_a_version_1_gallery_upgrades_and_keeps_its_entries(bundles, database_ur
             set(store.Base.metadata.tables),
             current,
         )
-        assert store.SCHEMA_VERSION == 2
+        assert store.SCHEMA_VERSION == 3
         stats = client.get("/gallery/stats").json()
         assert stats["entries"] == stats["searchable"] == stats["index_size"] == 3
         assert stats["stored_images"] == 0
