@@ -14,13 +14,16 @@ def build_router(*, api_keys: bool) -> APIRouter:
     """The API; with ``api_keys`` every operation but the probes needs ``X-API-Key`` and declares it.
 
     Without keys the guard is left out altogether, so the document declares no security scheme and no
-    401 that the service never answers."""
+    401 that the service never answers. Every operation declares a 500 problem."""
     router = APIRouter()
-    router.include_router(health.router)
+    unexpected = problem_responses(500)  # any operation can fail in a way nobody planned for
+    router.include_router(health.router, responses=unexpected)
     for module in (attributes, gallery, reid, models, metrics, admin):
         if api_keys:
             guard = [Depends(require_api_key)]
-            router.include_router(module.router, dependencies=guard, responses=problem_responses(401))
+            router.include_router(
+                module.router, dependencies=guard, responses=problem_responses(401) | unexpected
+            )
         else:
-            router.include_router(module.router)
+            router.include_router(module.router, responses=unexpected)
     return router

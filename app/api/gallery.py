@@ -29,8 +29,10 @@ COLLECTION = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_METADATA_CHARS = 16_384
 BY_ID = problem_responses(404, 422, 503)
 UPLOAD_ERRORS = problem_responses(
-    400, 413, 415, 422, 503, s422="Missing or malformed fields (e.g. metadata not a JSON object)."
+    400, 413, 415, 422, 503, 507, s422="Missing or malformed fields (e.g. metadata not a JSON object)."
 )
+# A delete writes too (SQLite's write-ahead log, PostgreSQL's), so a full disk refuses it.
+DELETE_ERRORS = problem_responses(404, 422, 503, 507)
 
 
 def _blank_to_none(value: str | None) -> str | None:
@@ -186,7 +188,7 @@ def get_image(entry_id: EntryId, session: SessionDep, request: Request) -> Respo
     return Response(data, media_type=content_type, headers=headers)
 
 
-@router.delete("/{entry_id:int}", response_model=Deleted, responses=BY_ID)
+@router.delete("/{entry_id:int}", response_model=Deleted, responses=DELETE_ERRORS)
 def delete_entry(entry_id: EntryId, gallery: GalleryDep) -> Deleted:
     """Remove one entry from the database and the index."""
     if not gallery.delete(entry_id):
@@ -194,7 +196,7 @@ def delete_entry(entry_id: EntryId, gallery: GalleryDep) -> Deleted:
     return Deleted(deleted=1, ids=[entry_id])
 
 
-@router.delete("", response_model=Deleted, responses=problem_responses(422, 503))
+@router.delete("", response_model=Deleted, responses=problem_responses(422, 503, 507))
 def erase_identity(
     gallery: GalleryDep,
     identity: Annotated[

@@ -11,6 +11,8 @@ reference instead).
 from __future__ import annotations
 
 import http
+import logging
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,13 +22,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
 from pydantic.json_schema import models_json_schema
+from sqlalchemy import exc as db_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from app.api.bodies import Problem
 
+log = logging.getLogger("app")
+
 MEDIA_TYPE = "application/problem+json"
 REF_PREFIX = "#/components/schemas/"
+# Seconds a client is told to wait (Retry-After) on a 503: the service starting, the database away.
+RETRY_AFTER_SECONDS = 5
 
 DESCRIPTIONS = {
     400: "The body is not valid multipart form data.",
@@ -35,7 +42,19 @@ DESCRIPTIONS = {
     413: "The request body, an image (bytes or pixels) or the number of images is over its limit.",
     415: "A file is not a readable image.",
     422: "Missing or malformed parameters or fields.",
-    503: "The service is still starting: models not loaded or the gallery not open.",
+    500: "An unexpected error; the service log has the details.",
+    503: (
+        "The service is starting (models not loaded, gallery not open) or its database is unreachable; "
+        "Retry-After says when to try again."
+    ),
+    507: "The database's storage is full: nothing was stored.",
+}
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
 }
 
 
@@ -46,6 +65,7 @@ def problem_responses(*statuses: int, **descriptions: str) -> dict[int | str, di
             "description": descriptions.get(f"s{status}", DESCRIPTIONS.get(status, "")),
             "content": {MEDIA_TYPE: {"schema": {"$ref": f"{REF_PREFIX}Problem"}}},
         }
+        | ({"headers": RETRY_AFTER_HEADER} if status == 503 else {})
         for status in statuses
     }
 
@@ -74,6 +94,8 @@ def problem(
 ) -> ProblemResponse:
     """An error response for ``request``."""
     body = problem_body(status, detail, instance=request.url.path, errors=errors)
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} | dict(headers or {})
     return ProblemResponse(body, status_code=status, headers=headers)
 
 
@@ -126,6 +148,45 @@ async def _server_error(request: Request, exc: Exception) -> ProblemResponse:
     return problem(request, 500, "internal error; the service log has the details")
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """The database says its storage is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(error, "sqlstate", None) == "53100" or getattr(error, "pgcode", None) == "53100"
+
+
+def database_problem(exc: BaseException) -> tuple[int, str] | None:
+    """(status, detail) for a database failure that is not the request's fault: 507 when the database's
+    storage is full, 503 when the database cannot be reached or does not answer in time (connection
+    refused or lost, server shutting down, locked past the busy timeout, no pooled connection free);
+    None for anything else, which is a bug (500)."""
+    if _disk_full(getattr(exc, "orig", None)):
+        return 507, "the gallery's storage is full, so nothing was stored; free space for the database"
+    if isinstance(exc, db_errors.TimeoutError | db_errors.DisconnectionError):
+        unavailable = True
+    else:
+        unavailable = isinstance(exc, db_errors.OperationalError | db_errors.InterfaceError) or bool(
+            getattr(exc, "connection_invalidated", False)
+        )
+    if not unavailable:
+        return None
+    return 503, (
+        f"the gallery's database is unavailable; try again in {RETRY_AFTER_SECONDS} s "
+        "(enrolling the same crops again is safe: they are stored once)"
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> ProblemResponse:
+    found = database_problem(exc)
+    if found is None:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return await _server_error(request, exc)
+    status, detail = found
+    reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    log.warning("%s %s: %d, database error: %s", request.method, request.url.path, status, reason)
+    return problem(request, status, detail)
+
+
 def _openapi(
     app: FastAPI, finish: Sequence[Callable[[dict[str, Any]], None]]
 ) -> Callable[[], dict[str, Any]]:
@@ -151,5 +212,7 @@ def install(app: FastAPI, finish: Sequence[Callable[[dict[str, Any]], None]] = (
     of ``finish`` then fills in what depends on the settings."""
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for error in (db_errors.DBAPIError, db_errors.TimeoutError, db_errors.DisconnectionError):
+        app.add_exception_handler(error, _database_error)
     app.add_exception_handler(Exception, _server_error)
     app.openapi = _openapi(app, finish)  # type: ignore[method-assign]

@@ -219,7 +219,10 @@ def open_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A pooled connection is checked before use (one the server dropped is replaced), and a connect gives
+    # up after 5 s, so requests fail fast (503) while the server is away and recover when it is back.
+    connect_args = {"connect_timeout": 5} if parsed.get_driver_name() in ("psycopg", "psycopg2") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def stored_schema_version(conn: Connection) -> int | None:

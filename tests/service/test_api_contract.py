@@ -40,6 +40,11 @@ def test_every_error_status_is_a_problem(clients, name):
         errors = {int(s): r for s, r in op["responses"].items() if int(s) >= 400}
         for status, response in errors.items():
             assert response["content"] == PROBLEM, (method, path, status)
+        assert 500 in errors, (method, path)  # every operation can fail unplanned, as a problem
+        if 503 in errors:
+            assert errors[503]["headers"]["Retry-After"]["required"] is True, (method, path)
+        if method in ("post", "delete") and path.startswith("/gallery"):
+            assert 507 in errors, (method, path)  # writes: the database's storage may be full
         has_input = bool(op.get("parameters") or op.get("requestBody"))
         assert (422 in errors) == has_input, (method, path)
         assert (404 in errors) == ("{entry_id}" in path), (method, path)
@@ -119,3 +124,22 @@ def test_document_lists_the_loaded_attribute_values_and_top_k_limit(clients, bun
     assert body["attribute"]["items"]["enum"] == expected
     for name in ("captured_after", "captured_before", "min_score"):
         assert "anyOf" not in body[name] and "null" not in str(body[name]), name
+
+
+def test_metrics_is_declared_and_sent_as_plain_text(clients):
+    client = clients["open"]
+    ok = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert list(ok["content"]) == ["text/plain"]
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].split(";")[0] == "text/plain"
+
+
+def test_a_503_says_when_to_retry(bundles, tmp_path):
+    """Before the lifespan has run (the models not loaded), the 503s carry Retry-After."""
+    app = create_app(make_settings(bundles, tmp_path / "data", database_url=sqlite_url(tmp_path)))
+    client = TestClient(app)  # not entered: no lifespan
+    for response in (client.get("/readyz"), client.get("/gallery"), client.get("/models")):
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.headers["content-type"] == "application/problem+json"
