@@ -28,6 +28,11 @@ ERRORS = problem_responses(
 )
 
 
+def _cameras(schema: dict[str, Any]) -> None:
+    # Each value is checked as a camera id is stored (at most 128 characters, no NUL): say so per item.
+    schema["items"] = {"type": "string", "maxLength": 128, "pattern": NO_NUL}
+
+
 def document_top_k_limit(document: dict[str, Any], max_top_k: int) -> None:
     """Write the deployment's REID_MAX_TOP_K into the document as top_k's maximum (a setting, so the
     route's own declaration cannot hold it)."""
@@ -81,10 +86,12 @@ async def query(
     ] = 10,
     collection: Annotated[str, Form(min_length=1, max_length=128, pattern=NO_NUL)] = "default",
     camera_id: Annotated[
-        list[str], Form(description="Only entries from these cameras (repeat the field).")
+        list[str],
+        Form(description="Only entries from these cameras (repeat the field).", json_schema_extra=_cameras),
     ] = [],  # noqa: B006 - FastAPI copies defaults
     exclude_camera_id: Annotated[
-        list[str], Form(description="No entries from these cameras (repeat the field).")
+        list[str],
+        Form(description="No entries from these cameras (repeat the field).", json_schema_extra=_cameras),
     ] = [],  # noqa: B006
     captured_after: Annotated[
         datetime | None, OptionalForm(description="ISO 8601; entries captured at or after this time.")
