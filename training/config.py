@@ -117,6 +117,13 @@ class AttributeTrainConfig(TrainConfig):
 
     dropout: float = 0.2
     class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
+    # APR (Lin et al. 2019): an identity classifier on the pooled features, trained with the heads and
+    # dropped at export; its label-smoothed cross-entropy is added with this weight (0 = off).
+    id_loss_weight: float = 0.0
+    # Train on every identity, the split's validation ones too (for a shipped bundle): per-epoch
+    # validation is skipped, the last epoch is kept, and export takes the decision rule and metrics
+    # of the same recipe's split run (``--metrics-from``).
+    train_all: bool = False
     epochs: int = 100
     patience: int = 5
     monitor: str = "val_loss"
@@ -126,6 +133,10 @@ class AttributeTrainConfig(TrainConfig):
         super().__post_init__()
         if self.class_weights not in ("majority", "sqrt", "none"):
             raise ValueError(f"class_weights must be majority, sqrt or none, got {self.class_weights!r}")
+        if self.id_loss_weight < 0:
+            raise ValueError(f"id_loss_weight must be >= 0, got {self.id_loss_weight}")
+        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
+            self.monitor, self.monitor_mode, self.patience = "epoch", "max", 0
 
 
 def read_task(path: str | Path) -> str:

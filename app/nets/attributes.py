@@ -58,7 +58,19 @@ class AttributeNet(nn.Module):
             }
         )
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.last_stage(self.trunk(self.normalize(images)))
-        feat = self.pool(x).flatten(1)
+    @property
+    def feature_dim(self) -> int:
+        """Size of the pooled features the heads read."""
+        first = next(iter(self.heads.values()))
+        return first[1].in_features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (N, feature_dim)."""
+        return self.pool(self.last_stage(self.trunk(self.normalize(images)))).flatten(1)
+
+    def classify(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per group of pooled features."""
         return {name: head(feat) for name, head in self.heads.items()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.classify(self.features(images))

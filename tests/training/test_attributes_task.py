@@ -47,10 +47,12 @@ def test_data_labels_and_batches(course_root, tmp_path):
     ]
     task = AttributeTask(cfg, data)
     batches = task.train_batches(1)
-    sizes = [len(x) for x, _ in batches]
+    sizes = [len(x) for x, *_ in batches]
     assert sum(sizes) == len(data.train) and len(batches) == len(sizes)
-    again = [y for _, y in task.train_batches(1)]
-    assert all(torch.equal(a, b) for a, b in zip(again, [y for _, y in task.train_batches(1)], strict=True))
+    again = [y for _, y, _ in task.train_batches(1)]
+    assert all(
+        torch.equal(a, b) for a, b in zip(again, [y for _, y, _ in task.train_batches(1)], strict=True)
+    )
 
 
 def test_label_matrix_empty():
@@ -74,6 +76,55 @@ def test_learns_on_generated_data(tmp_path, tiny):
     for group in ("upper_colour", "lower_colour"):  # drawn big: learnt first
         assert last[f"accuracy/{group}"] > baseline[f"accuracy/{group}"] + 0.3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_apr_identity_loss_learns_and_stays_out_of_the_model(tmp_path, tiny):
+    """--id-loss-weight: an identity head trains with the attribute heads (its loss falls), is
+    checkpointed with the task for --resume, and is not part of the model that gets exported."""
+    make_course_dataset(tmp_path / "data", n_ids=30, images_per_id=4, size=(32, 16), seed=4)
+    cfg = AttributeTrainConfig(
+        data_root=str(tmp_path / "data"), backbone=tiny, input_size=(32, 16), epochs=6, batch_size=32,
+        lr=3e-3, patience=0, flip=False, pad=1, erase_p=0.0, cache_dir="", device="cpu", progress=False,
+        id_loss_weight=1.0,
+    )  # fmt: skip
+    seed_everything(0)
+    data = load_attribute_data(cfg, tmp_path / "run")
+    task = AttributeTask(cfg, data)
+    assert task.id_head is not None and task.id_head.out_features == len({s.pid for s in data.train})
+    grouped = {id(p) for g in task.parameter_groups() for p in g["params"]}
+    assert {id(p) for p in task.id_head.parameters()} <= grouped
+    result = Trainer(cfg, tmp_path / "run").fit(task)
+    history = result.history
+    assert history[-1]["train_identity"] < 0.85 * history[0]["train_identity"], history
+    assert not any(k.startswith("id_head") for k in task.model.state_dict())
+    saved = task.state_dict()["id_head"]
+    fresh = AttributeTask(cfg, data)
+    fresh.load_state_dict({"id_head": saved})
+    assert torch.equal(fresh.id_head.weight, task.id_head.weight)
+
+
+def test_without_identity_loss_no_head(course_root, tmp_path):
+    cfg = AttributeTrainConfig(data_root=str(course_root), input_size=(32, 16), cache_dir="", progress=False)
+    task = AttributeTask(cfg, load_attribute_data(cfg, tmp_path))
+    assert task.id_head is None and task.state_dict() == {}
+    loss = task.train_step(next(iter(task.train_batches(1))))
+    assert "identity" not in loss
+    with pytest.raises(ValueError, match="id_loss_weight"):
+        AttributeTrainConfig(id_loss_weight=-1.0)
+
+
+def test_train_all_uses_every_identity(course_root, tmp_path):
+    cfg = AttributeTrainConfig(
+        data_root=str(course_root), input_size=(32, 16), cache_dir="", progress=False, train_all=True
+    )
+    assert (cfg.monitor, cfg.patience) == ("epoch", 0)
+    data = load_attribute_data(cfg, tmp_path)
+    val_ids = {s.pid for s in data.val}
+    assert val_ids and val_ids <= {s.pid for s in data.train}
+    assert len(data.train_labels) == len(data.train)
+    task = AttributeTask(cfg, data)
+    task.train_batches(3)
+    assert task.validate() == {"epoch": 3.0}
 
 
 def test_original_layout_data(original_root, tmp_path):

@@ -83,6 +83,22 @@ def train_attributes(
         str | None,
         typer.Option(help="majority (the report's: majority count / class count) | sqrt (its root) | none"),
     ] = None,
+    id_loss_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="APR: weight of an identity cross-entropy on the pooled features, trained alongside "
+            "the heads and dropped at export (0: off, the default)."
+        ),
+    ] = None,
+    train_all: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-all",
+            help="Train on every identity, the split's validation ones too (for a shipped bundle; no "
+            "per-epoch validation, the last epoch is kept; export with --metrics-from the split run's "
+            "bundle).",
+        ),
+    ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bars.")] = None,
 ) -> None:
     """Train the 12-head attribute classifier; writes the run directory (config, metrics, best.pt, plots)."""
@@ -116,6 +132,8 @@ def train_attributes(
         "limit_ids": limit_ids,
         "cache_dir": str(cache_dir) if cache_dir else None,
         "class_weights": class_weights,
+        "id_loss_weight": id_loss_weight,
+        "train_all": train_all,
         "progress": progress,
     }
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from app.attribute_schema import ATTRIBUTE_GROUPS, Labels
 from app.nets.attributes import AttributeNet, AttributeNetConfig
@@ -38,7 +39,7 @@ from training.evaluation.attributes import (
     logit_adjustment_tradeoff,
     majority_baseline,
 )
-from training.losses import MultiHeadCrossEntropy
+from training.losses import MultiHeadCrossEntropy, identity_loss
 from training.warm_start import is_bundle_dir, warm_start_from_reid
 
 GROUP_NAMES = tuple(g.name for g in ATTRIBUTE_GROUPS)
@@ -83,7 +84,12 @@ class AttributeData:
     data: MarketData
 
     def train_identity_labels(self) -> list[Labels]:
-        return [self.data.attributes[pid] for pid in self.split.train_ids]
+        return [self.data.attributes[pid] for pid in sorted({s.pid for s in self.train})]
+
+    def train_identities(self) -> torch.Tensor:
+        """Each training image's identity as a class index 0..n-1 (for the APR identity loss)."""
+        index = {pid: i for i, pid in enumerate(sorted({s.pid for s in self.train}))}
+        return torch.tensor([index[s.pid] for s in self.train], dtype=torch.long)
 
 
 def load_attribute_data(config: AttributeTrainConfig, run_dir: str | Path) -> AttributeData:
@@ -110,6 +116,8 @@ def load_attribute_data(config: AttributeTrainConfig, run_dir: str | Path) -> At
         data_fingerprint=data.fingerprint,
     )
     train, val = split.partition(data.train)
+    if config.train_all:
+        train = train + val
     cache = config.cache_dir or None
     images = cached_images(
         [s.path for s in data.train],
@@ -169,6 +177,13 @@ class AttributeTask:
         else:
             self.weights = {g.name: torch.ones(g.num_classes) for g in ATTRIBUTE_GROUPS}
         self.criterion = MultiHeadCrossEntropy(self.weights).to(self.device)
+        self.epoch = 0
+        self.identities = data.train_identities()
+        # Training only: not part of the model, so neither best.pt's model nor the bundle carries it.
+        self.id_head: nn.Linear | None = None
+        if config.id_loss_weight > 0:
+            n_ids = int(self.identities.max()) + 1 if len(self.identities) else 0
+            self.id_head = nn.Linear(self.model.feature_dim, n_ids).to(self.device)
         self.augment = BatchAugment(
             flip_p=0.5 if config.flip else 0.0,
             pad=config.pad,
@@ -177,21 +192,46 @@ class AttributeTask:
         )
 
     # Trainer protocol ------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.id_head is not None:
+            params += list(self.id_head.parameters())
+        return [{"params": params}]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"id_head": self.id_head.state_dict()} if self.id_head is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.id_head is not None and "id_head" in state:
+            self.id_head.load_state_dict(state["id_head"])
+
     def train_batches(self, epoch: int) -> Batches:
         """Shuffled batches; the order depends on (seed, epoch) only, so a resumed epoch repeats it."""
+        self.epoch = epoch
         n, bs = len(self.data.train), self.config.batch_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
         chunks = [order[start : start + bs] for start in range(0, n, bs)]
         chunks = [c for c in chunks if len(c) >= 2]  # BatchNorm cannot train on a single image
-        return Batches(((self.data.train_images[c], self.data.train_labels[c]) for c in chunks), len(chunks))
+        data = self.data
+        batches = ((data.train_images[c], data.train_labels[c], self.identities[c]) for c in chunks)
+        return Batches(batches, len(chunks))
 
-    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images, labels = batch
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labels, identities = batch
         x = self.augment(images.to(self.device, non_blocking=True))
-        logits = self.model(x)
-        return self.criterion(logits, self.targets(labels.to(self.device, non_blocking=True)))
+        feat = self.model.features(x)
+        targets = self.targets(labels.to(self.device, non_blocking=True))
+        out = self.criterion(self.model.classify(feat), targets)
+        if self.id_head is not None:
+            out["identity"] = identity_loss(
+                self.id_head(feat), identities.to(self.device, non_blocking=True), label_smoothing=0.1
+            )
+            out["loss"] = out["loss"] + self.config.id_loss_weight * out["identity"]
+        return out
 
     def validate(self) -> dict[str, float]:
+        if self.config.train_all:
+            return {"epoch": float(self.epoch)}
         metrics = self.evaluate()
         return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
