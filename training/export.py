@@ -38,31 +38,87 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _attribute_fields(checkpoint: dict[str, Any], run_dir: Path, logit_adjust: float = 0.0) -> dict[str, Any]:
+LogitAdjust = float | str  # one tau, or PER_GROUP: the per-group taus chosen on validation
+PER_GROUP = "per-group"
+
+
+def _attribute_fields(
+    checkpoint: dict[str, Any],
+    run_dir: Path,
+    logit_adjust: LogitAdjust = 0.0,
+    metrics_from: Path | None = None,
+) -> dict[str, Any]:
     final = run_dir / "val_metrics.json"
     # val_metrics.json: the best epoch re-evaluated after training, with the majority baseline
     saved = json.loads(final.read_text()) if final.is_file() else {}
+    if metrics_from is not None:
+        return {
+            "attribute_schema": schema_as_dict(),
+            "metrics": _split_run_rule(checkpoint, saved, metrics_from),
+        }
     metrics = _scalars(saved.get("validation") or checkpoint["metrics"])
     if logit_adjust:
-        metrics = {**_scalars(_adjust_heads(checkpoint, saved, logit_adjust)), "logit_adjust": logit_adjust}
+        row, taus = _measured_rule(saved, logit_adjust)
+        _fold_taus(checkpoint, saved, taus)
+        metrics = {**_scalars(row), "logit_adjust": taus if logit_adjust == PER_GROUP else logit_adjust}
     if saved:
         metrics["majority_baseline"] = _scalars(saved["majority_baseline"])
     metrics["best_epoch"] = checkpoint["epoch"]
     return {"attribute_schema": schema_as_dict(), "metrics": metrics}
 
 
-def _adjust_heads(checkpoint: dict[str, Any], saved: dict[str, Any], tau: float) -> dict[str, Any]:
-    """Fold ``-tau * log prior`` into each head's bias; return the validation metrics at that tau."""
-    rows = saved.get("logit_adjustment", {}).get("tradeoff", [])
+def _measured_rule(
+    saved: dict[str, Any], logit_adjust: LogitAdjust
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The validation metrics of a decision rule the run measured, and its tau per group."""
+    adjustment = saved.get("logit_adjustment", {})
+    rows = adjustment.get("tradeoff", [])
+    if logit_adjust == PER_GROUP:
+        if "per_group" not in adjustment:
+            raise ExportError(
+                "--logit-adjust per-group: this run's val_metrics.json has no per-group taus "
+                "(re-evaluate it with reid-train evaluate-attributes)"
+            )
+        row = dict(adjustment["per_group"])
+        return row, row.pop("taus")
+    tau = float(logit_adjust)
     row = next((r for r in rows if abs(r["tau"] - tau) < 1e-9), None)
     if row is None:
         measured = ", ".join(f"{r['tau']:g}" for r in rows) or "none (no val_metrics.json from this code)"
         raise ExportError(f"--logit-adjust {tau:g} was not evaluated for this run; evaluated: {measured}")
+    return {k: v for k, v in row.items() if k != "tau"}, dict.fromkeys(adjustment["log_priors"], tau)
+
+
+def _fold_taus(checkpoint: dict[str, Any], saved: dict[str, Any], taus: dict[str, float]) -> None:
+    """Fold ``-tau * log prior`` (this run's training priors) into each head's bias."""
     model = checkpoint["model"]
     for name, log_prior in saved["logit_adjustment"]["log_priors"].items():
         key = f"heads.{name}.1.bias"  # Sequential(Dropout, Linear)
-        model[key] = model[key] - tau * torch.tensor(log_prior, dtype=model[key].dtype)
-    return {k: v for k, v in row.items() if k != "tau"}
+        model[key] = model[key] - taus[name] * torch.tensor(log_prior, dtype=model[key].dtype)
+
+
+def _split_run_rule(checkpoint: dict[str, Any], saved: dict[str, Any], metrics_from: Path) -> dict[str, Any]:
+    """A run on every identity takes the decision rule and validation metrics of the same recipe's split
+    run (its bundle): the taus are applied with this run's own class priors."""
+    from app.bundle import read_manifest
+
+    source = read_manifest(metrics_from)
+    if source.task != "attributes":
+        raise ExportError(f"--metrics-from {metrics_from} is a {source.task} bundle, not an attribute bundle")
+    if not checkpoint.get("config", {}).get("train_all"):
+        raise ExportError(
+            "--metrics-from is for runs trained with --train-all; this run has its own validation"
+        )
+    if not saved:
+        raise ExportError(f"{metrics_from}: the run has no val_metrics.json (its class priors)")
+    rule = source.metrics.get("logit_adjust", 0.0)
+    priors = saved["logit_adjustment"]["log_priors"]
+    _fold_taus(checkpoint, saved, rule if isinstance(rule, dict) else dict.fromkeys(priors, float(rule)))
+    return {
+        **source.metrics,
+        "metrics_from": f"{source.name} {source.version} (the same recipe on the split)",
+        "best_epoch": checkpoint["epoch"],
+    }
 
 
 def _reid_fields(
@@ -103,17 +159,23 @@ def export_run(
     half: bool = False,
     force: bool = False,
     command: str | None = None,
-    logit_adjust: float = 0.0,
+    logit_adjust: LogitAdjust = 0.0,
     metrics_from: str | Path | None = None,
 ) -> Path:
     """Write ``<store>/<name>/`` (name defaults to the task: ``attributes`` or ``reid``); returns it.
 
-    ``logit_adjust`` (attribute runs): fold the decision rule at that tau into the heads' biases, and
-    record the validation metrics measured at that tau (``val_metrics.json``'s trade-off table).
-    ``metrics_from`` (re-ID runs trained with ``--train-all``): the bundle of the same recipe's split
-    run, whose validation stands in for the one this run cannot have.
+    ``logit_adjust`` (attribute runs): fold the decision rule at that tau (or ``per-group``: each group's
+    tau chosen on validation) into the heads' biases, and record the validation metrics measured with it
+    (``val_metrics.json``). ``metrics_from`` (runs trained with ``--train-all``): the bundle of the same
+    recipe's split run, whose validation (and, for attributes, decision rule) stands in for the one this
+    run cannot have.
     """
     run_dir = Path(run_dir)
+    if logit_adjust != PER_GROUP:
+        try:
+            logit_adjust = float(logit_adjust)
+        except ValueError:
+            raise ExportError(f"--logit-adjust takes a tau or {PER_GROUP!r}, got {logit_adjust!r}") from None
     checkpoint = load_checkpoint(run_dir / BEST)
     task = checkpoint.get("task")
     if task not in MANIFEST_FIELDS:
@@ -126,14 +188,15 @@ def export_run(
     config = checkpoint.get("config", {})
     if logit_adjust and task != "attributes":
         raise ExportError(f"--logit-adjust applies to attribute runs; {run_dir} is a {task!r} run")
-    if metrics_from is not None and task != "reid":
-        raise ExportError(f"--metrics-from applies to re-ID runs; {run_dir} is a {task!r} run")
-    if logit_adjust:
-        fields = _attribute_fields(checkpoint, run_dir, logit_adjust)
-    elif task == "reid":
-        fields = _reid_fields(checkpoint, run_dir, Path(metrics_from) if metrics_from else None)
-    else:
-        fields = MANIFEST_FIELDS[task](checkpoint, run_dir)  # may drop training-only parts first
+    if metrics_from is not None and logit_adjust:
+        raise ExportError(
+            "--metrics-from brings the split run's decision rule; --logit-adjust cannot be given too"
+        )
+    source = Path(metrics_from) if metrics_from else None
+    if task == "attributes":
+        fields = _attribute_fields(checkpoint, run_dir, logit_adjust, source)
+    else:  # may drop training-only parts (the identity classifiers) first
+        fields = _reid_fields(checkpoint, run_dir, source)
     architecture = checkpoint["architecture"]
     model = build_network(task, architecture)
     model.load_state_dict(checkpoint["model"], strict=True)

@@ -137,3 +137,23 @@ def test_majority_baseline():
     val = torch.tensor([[1] + [0] * 11, [0] * 12])
     out = majority_baseline(train, val)
     assert out["accuracy/gender"] == 0.5 and out["accuracy/hair"] == 1.0
+
+
+def test_per_group_taus_pick_each_groups_best_tau():
+    """Each group gets the tau with its largest accuracy + balanced accuracy; ties go to the smaller tau."""
+    from training.evaluation.attributes import per_group_taus
+
+    def row(tau, hat, gender):
+        r = {"tau": tau}
+        for g in ATTRIBUTE_GROUPS:
+            acc, bal = {"hat": hat, "gender": gender}.get(g.name, (0.5, 0.5))
+            r[f"accuracy/{g.name}"], r[f"balanced_accuracy/{g.name}"] = acc, bal
+        return r
+
+    rows = [
+        row(1.0, (0.85, 0.75), (0.80, 0.80)),
+        row(0.0, (0.96, 0.50), (0.88, 0.87)),
+        row(0.5, (0.90, 0.65), (0.85, 0.84)),
+    ]
+    taus = per_group_taus(rows)
+    assert taus["hat"] == 1.0 and taus["gender"] == 0.0 and taus["age"] == 0.0  # age: all tied

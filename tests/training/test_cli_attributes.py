@@ -147,6 +147,72 @@ def test_export_with_logit_adjustment(attribute_run, tmp_path):
     assert unmeasured.exit_code == 1 and "0.25" in unmeasured.output
 
 
+def _plain_and_adjusted(run, tmp_path, *args):
+    """Bundles of ``run`` exported plainly and with ``args``, and both models' logits on one batch."""
+    from app.nets.bundles import load_bundle
+
+    for name, extra in (("plain", ()), ("adjusted", args)):
+        result = invoke("export", run, "--store", tmp_path / name, *extra)
+        assert result.exit_code == 0, result.output
+    (_, plain), (manifest, adjusted) = (
+        load_bundle(tmp_path / n / "attributes") for n in ("plain", "adjusted")
+    )
+    x = torch.randint(0, 256, (6, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        return manifest, plain(x), adjusted(x)
+
+
+def test_export_with_per_group_logit_adjustment(attribute_run, tmp_path):
+    """--logit-adjust per-group folds each group's own tau (chosen on validation) and records it."""
+    saved = json.loads((attribute_run / "val_metrics.json").read_text())["logit_adjustment"]
+    taus = saved["per_group"]["taus"]
+    assert set(taus) == set(saved["log_priors"]) and set(taus.values()) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    manifest, before, after = _plain_and_adjusted(attribute_run, tmp_path, "--logit-adjust", "per-group")
+    assert manifest.metrics["logit_adjust"] == taus
+    assert manifest.metrics["mA"] == saved["per_group"]["mA"]
+    for name, log_prior in saved["log_priors"].items():
+        torch.testing.assert_close(after[name], before[name] - taus[name] * torch.tensor(log_prior))
+    bad = invoke("export", attribute_run, "--store", tmp_path / "x", "--logit-adjust", "lots")
+    assert bad.exit_code == 1 and "per-group" in bad.output
+
+
+def test_train_all_exports_with_the_split_runs_rule(attribute_run, course_root, tmp_path):
+    """A --train-all run is exported with --metrics-from the split run's bundle: the manifest carries
+    that bundle's validation and decision rule, applied with the new run's own class priors."""
+    split_bundle = tmp_path / "split"
+    result = invoke("export", attribute_run, "--store", split_bundle, "--logit-adjust", "per-group")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "all"
+    args = [
+        "train-attributes", "--data-root", course_root, "--backbone", "osnet_x0_25", "--input-size", "64x32",
+        "--epochs", "1", "--batch-size", "16", "--run-dir", run, "--cache-dir", tmp_path / "cache",
+        "--device", "cpu", "--no-progress", "--train-all",
+    ]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["monitor"] == "epoch"
+    from app.bundle import read_manifest
+
+    source = read_manifest(split_bundle / "attributes")
+    manifest, before, after = _plain_and_adjusted(
+        run, tmp_path, "--metrics-from", split_bundle / "attributes"
+    )
+    assert (
+        manifest.metrics["mA"] == source.metrics["mA"] and source.version in manifest.metrics["metrics_from"]
+    )
+    priors = json.loads((run / "val_metrics.json").read_text())["logit_adjustment"]["log_priors"]
+    for name, log_prior in priors.items():
+        tau = source.metrics["logit_adjust"][name]
+        torch.testing.assert_close(after[name], before[name] - tau * torch.tensor(log_prior))
+    both = invoke("export", run, "--store", tmp_path / "y", "--metrics-from", split_bundle / "attributes",
+                  "--logit-adjust", "0.5")  # fmt: skip
+    assert both.exit_code == 1 and "cannot be given too" in both.output
+    own = invoke(
+        "export", attribute_run, "--store", tmp_path / "z", "--metrics-from", split_bundle / "attributes"
+    )
+    assert own.exit_code == 1 and "--train-all" in own.output
+
+
 def test_evaluate_attributes_rewrites_the_run_report(attribute_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(attribute_run, run)

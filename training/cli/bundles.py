@@ -19,17 +19,19 @@ def export(
     half: Annotated[bool, typer.Option("--half", help="Store the weights in float16.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     logit_adjust: Annotated[
-        float,
+        str,
         typer.Option(
             help="Attribute runs: logit adjustment tau, one of the run's report.md trade-off table "
-            "(0 = most accurate, 1 = most balanced); folded into the heads' biases."
+            "(0 = most accurate, 1 = most balanced), or 'per-group' (each group's tau chosen on "
+            "validation); folded into the heads' biases."
         ),
-    ] = 0.0,
+    ] = "0",
     metrics_from: Annotated[
         Path | None,
         typer.Option(
-            help="Re-ID runs trained with --train-all: the bundle of the same recipe's split run, "
-            "whose validation metrics and thresholds the manifest carries."
+            help="Runs trained with --train-all: the bundle of the same recipe's split run, whose "
+            "validation metrics (re-ID: and thresholds; attributes: and decision rule) the manifest "
+            "carries."
         ),
     ] = None,
 ) -> None:

@@ -35,9 +35,11 @@ from training.data.transforms import BatchAugment, to_model_input
 from training.engine import Batches
 from training.evaluation.attributes import (
     AttributeEvaluator,
+    adjusted_metrics,
     log_priors,
     logit_adjustment_tradeoff,
     majority_baseline,
+    per_group_taus,
 )
 from training.losses import MultiHeadCrossEntropy, identity_loss
 from training.warm_start import is_bundle_dir, warm_start_from_reid
@@ -283,11 +285,17 @@ def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, 
     baseline = majority_baseline(task.data.train_labels, task.data.val_labels)
     priors = log_priors(task.data.train_labels)
     tradeoff = logit_adjustment_tradeoff(logits, labels, priors)
+    taus = per_group_taus(tradeoff)  # chosen on this validation split, like the best epoch
+    per_group = {"taus": taus, **adjusted_metrics(logits, labels, priors, taus)}
     result = {
         "best_epoch": best["epoch"],
         "validation": metrics,
         "majority_baseline": baseline,
-        "logit_adjustment": {"log_priors": {k: v.tolist() for k, v in priors.items()}, "tradeoff": tradeoff},
+        "logit_adjustment": {
+            "log_priors": {k: v.tolist() for k, v in priors.items()},
+            "tradeoff": tradeoff,
+            "per_group": per_group,
+        },
         "class_weights": {k: v.tolist() for k, v in task.weights.items()},
         "images": {"train": len(task.data.train), "val": len(task.data.val)},
         "identities": {"train": len(task.data.split.train_ids), "val": len(task.data.split.val_ids)},
@@ -309,6 +317,10 @@ def finish_attribute_run(task: AttributeTask, run_dir: str | Path) -> dict[str, 
         plot_confusion(metrics["confusion"][group], g.classes, plots / f"confusion_{group}.png", title=group)
     (run_dir / "report.md").write_text(attribute_report(task.config, result, history))
     return result
+
+
+def _tradeoff_rows(adjustment: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{r['tau']:g}", r) for r in adjustment["tradeoff"]] + [("per-group", adjustment["per_group"])]
 
 
 def attribute_report(
@@ -359,15 +371,19 @@ def attribute_report(
         "mA_binary is the literature's label-based mA over the 30 binary attributes; see "
         "`training/evaluation/attributes.py` for the exact definitions.",
         "",
-        "## Logit adjustment (decision rule, chosen at export with `--logit-adjust TAU`)",
+        "## Logit adjustment (decision rule, chosen at export with `--logit-adjust TAU|per-group`)",
         "",
-        "| tau | mean_accuracy | mA | mA_binary | instance_f1 |",
-        "| --- | --- | --- | --- | --- |",
+        "| tau | mean_accuracy | mA | mA_two_class | mA_binary | instance_f1 |",
+        "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {r['tau']:g} | {r['mean_accuracy']:.4f} | {r['mA']:.4f} | {r['mA_binary']:.4f} "
-            f"| {r['instance_f1']:.4f} |"
-            for r in result["logit_adjustment"]["tradeoff"]
+            f"| {label} | {r['mean_accuracy']:.4f} | {r['mA']:.4f} | {r['mA_two_class']:.4f} "
+            f"| {r['mA_binary']:.4f} | {r['instance_f1']:.4f} |"
+            for label, r in _tradeoff_rows(result["logit_adjustment"])
         ),
+        "",
+        "`per-group`: each group's tau chosen on this validation split by that group's accuracy + balanced "
+        "accuracy: "
+        + ", ".join(f"{k} {v:g}" for k, v in result["logit_adjustment"]["per_group"]["taus"].items()),
         "",
         "![logit adjustment](plots/logit_adjustment.png)",
         "",
