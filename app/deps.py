@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.gallery.gallery import Gallery
@@ -13,6 +16,8 @@ from app.gallery.reembed import ReembedJob
 from app.gallery.store import Entry, get_entry
 from app.inference import Models
 from app.settings import Settings
+
+log = logging.getLogger("app")
 
 
 def get_settings(request: Request) -> Settings:
@@ -47,8 +52,19 @@ ReembedJobDep = Annotated[ReembedJob, Depends(get_reembed_job)]
 
 
 def get_session(gallery: GalleryDep) -> Iterator[Session]:
-    with gallery.session() as session:
+    session = gallery.session()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except SQLAlchemyError as exc:
+            # The database went away after the request's work (the rollback that returns the connection
+            # to the pool failed): the answer is already made, and raising here would drop the
+            # connection without one. The connection is discarded, not pooled.
+            log.warning("closing a database session failed: %s", str(exc).strip().splitlines()[0])
+            with contextlib.suppress(SQLAlchemyError):
+                session.invalidate()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -179,6 +179,8 @@ def pg_outage(args) -> dict:
     finally:
         server.stop()
         cluster.destroy()
+        with contextlib.suppress(OSError):  # kept for a look afterwards
+            shutil.copy(server.log_path, Path(tempfile.gettempdir()) / "reid-faults-pg-outage-server.log")
         shutil.rmtree(root, ignore_errors=True)
 
     records = workload.records

@@ -398,7 +398,9 @@ def summarise(records: list[Record], wall: float) -> dict:
     for endpoint in ENDPOINTS:
         rows = by_endpoint.get(endpoint, [])
         times = [r.seconds * 1000 for r in rows if r.status is not None]
-        statuses = Counter(str(r.status) if r.status is not None else "transport error" for r in rows)
+        statuses = Counter(
+            str(r.status) if r.status is not None else f"transport error ({r.error})" for r in rows
+        )
         per[endpoint] = {
             "requests": len(rows),
             "per_second": len(rows) / wall if wall else 0.0,

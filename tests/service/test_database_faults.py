@@ -170,3 +170,32 @@ def test_full_sqlite_database_is_507_and_nothing_half_written(bundles, tmp_path,
         engine.dispose()
         enroll(client, *(crop(p, seed=1) for p in people[2:6]), expect=201)
         assert client.get("/gallery/stats").json()["index_size"] == 6
+
+
+@pytest.mark.postgres
+def test_database_lost_after_the_work_still_answers(bundles, tmp_path, people):
+    """The connection dies after the request's last query, before its session is closed: the rollback
+    that returns the connection fails, and the answer already made is sent (not a dropped connection)."""
+    url = make_url(fresh_postgres())
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    settings = make_settings(bundles, tmp_path / "data", database_url=through, index_sync_seconds=0)
+    try:
+        with TestClient(create_app(settings)) as client:
+            (entry,) = enroll(client, crop(people[0]))
+            engine = client.app.state.gallery.engine
+
+            def cut_after_the_last_read(conn, cursor, statement, *_):
+                if "gallery_images" in statement:  # GET /gallery's last query: which entries have a crop
+                    proxy.cut()
+
+            event.listen(engine, "after_cursor_execute", cut_after_the_last_read)
+            response = client.get("/gallery")
+            event.remove(engine, "after_cursor_execute", cut_after_the_last_read)
+            assert response.status_code == 200, response.text
+            assert [e["id"] for e in response.json()["items"]] == [entry["id"]]
+            assert_unavailable(client.get("/gallery"))
+            proxy.restore()
+            assert client.get("/gallery").status_code == 200
+    finally:
+        proxy.cut()
