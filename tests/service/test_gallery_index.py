@@ -1,0 +1,155 @@
+"""The index by size (app.gallery.index): exact while small, HNSW past ``exact_max``, filters exact.
+
+At 1M-like proportions but small: 20,000 clustered 64-d vectors (several per identity), an exact limit
+of 1,000, so the collection is approximate and a filter admitting 0.1% (20 entries) must still return
+exactly its best matches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.gallery import index as index_module
+from app.gallery.index import GalleryIndex
+
+DIM = 64
+
+
+def clustered(n: int, seed: int = 0, per: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors, ``per`` views of each identity around a point of a 16-d latent space, and
+    40 queries: new views of existing identities."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((16, DIM)).astype(np.float32)
+    people = rng.standard_normal((n // per, 16)).astype(np.float32)
+    views = people[np.arange(n) % len(people)] + 0.35 * rng.standard_normal((n, 16)).astype(np.float32)
+    x = views @ mixing + 0.05 * rng.standard_normal((n, DIM)).astype(np.float32)
+    q = (people[rng.integers(0, len(people), 40)] + 0.35 * rng.standard_normal((40, 16))) @ mixing
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return x, q
+
+
+def exact(x: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    scores = x @ query
+    return ids[np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.fixture(scope="module")
+def large() -> tuple[GalleryIndex, np.ndarray, np.ndarray, np.ndarray]:
+    x, q = clustered(20_000)
+    ids = np.arange(1, len(x) + 1, dtype=np.int64)
+    index = GalleryIndex(DIM, exact_max=1000)
+    index.add(ids, ["street"] * len(ids), x)
+    assert index.kinds() == {"street": "exact"}  # flat until maintained
+    assert index.maintain() == ["street"]
+    assert index.kinds() == {"street": "hnsw"} and len(index) == 20_000
+    return index, x, ids, q
+
+
+def test_past_the_exact_limit_search_is_approximate_with_recall_of_at_least_0_99(large):
+    index, x, ids, q = large
+    recall = []
+    for query in q:
+        _, found = index.search("street", query, 10)
+        recall.append(len(set(found.tolist()) & set(exact(x, ids, query, 10).tolist())) / 10)
+    assert np.mean(recall) >= 0.99
+
+
+def test_a_filter_admitting_0_1_percent_returns_its_true_best_matches(large):
+    index, x, ids, q = large
+    rng = np.random.default_rng(7)
+    admitted = np.sort(rng.choice(ids, size=len(ids) // 1000, replace=False))  # 20 of 20,000
+    for query in q[:10]:
+        scores, found = index.search("street", query, 10, allowed=admitted)
+        rows = admitted - 1
+        assert found.tolist() == exact(x[rows], admitted, query, 10).tolist()
+        assert np.allclose(scores, x[found - 1] @ query, atol=1e-5)
+        assert set(found.tolist()) <= set(admitted.tolist())
+
+
+def test_a_broad_filter_searches_the_graph_and_keeps_to_the_filter(large):
+    index, x, ids, q = large
+    admitted = ids[ids % 4 == 0]  # 5,000: past the exact limit, so the graph with a selector
+    recall = []
+    for query in q:
+        _, found = index.search("street", query, 10, allowed=admitted)
+        assert len(found) == 10 and np.all(found % 4 == 0)
+        truth = exact(x[admitted - 1], admitted, query, 10)
+        recall.append(len(set(found.tolist()) & set(truth.tolist())) / 10)
+    assert np.mean(recall) >= 0.97
+
+
+def test_removed_and_replaced_entries_leave_the_graph_and_compaction_keeps_the_rest():
+    x, q = clustered(4000, seed=1)
+    ids = np.arange(1, len(x) + 1, dtype=np.int64)
+    index = GalleryIndex(DIM, exact_max=500)
+    index.add(ids, ["a"] * len(ids), x)
+    index.maintain()
+    query = q[0]
+    _, best = index.search("a", query, 5)
+    assert index.remove(best[:2]) == 2
+    _, after = index.search("a", query, 5)
+    assert not set(best[:2].tolist()) & set(after.tolist())
+    # A replaced vector is found by its new value, never twice.
+    index.add(best[2:3], ["a"], -query[None])
+    _, again = index.search("a", query, 50)
+    assert best[2] not in again.tolist() and len(set(again.tolist())) == len(again)
+    assert index.search("a", -query, 1)[1].tolist() == [best[2]]
+    # Removing a quarter of the rows is past the compaction share: rebuilt with the survivors only.
+    gone = ids[ids % 4 == 1]
+    index.remove(gone)
+    assert index.needs_maintenance()
+    assert index.maintain() == ["a"] and not index.needs_maintenance()
+    kept = np.setdiff1d(ids, np.concatenate([gone, best[:2]]))
+    assert np.array_equal(np.sort(index.ids("a")), kept)
+    assert index.fingerprints() == {"a": (len(kept), int(kept.sum()))}
+    assert index.search("a", -query, 1)[1].tolist() == [best[2]]
+
+
+def test_writes_while_a_collection_is_rebuilt_are_kept(monkeypatch):
+    """The graph is built outside the lock: entries added and removed meanwhile end up as written."""
+    x, _ = clustered(3000, seed=2)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    index = GalleryIndex(DIM, exact_max=1000)
+    index.add(ids, ["a"] * 2000, x[:2000])
+    real = index_module._new_index
+
+    def racing(dim: int, approximate: bool):
+        built = real(dim, approximate)
+        if not approximate:  # (collection "b" made below)
+            return built
+        index.remove(ids[:10])  # removed after the copy
+        index.add(np.arange(2001, 3001), ["a"] * 1000, x[2000:])  # added after the copy
+        index.add(ids[10:11], ["b"], x[10:11])  # moved to another collection
+        return built
+
+    monkeypatch.setattr(index_module, "_new_index", racing)
+    assert index.maintain() == ["a"]
+    expected = np.arange(12, 3001)
+    assert index.kinds()["a"] == "hnsw"
+    assert np.array_equal(np.sort(index.ids("a")), expected)
+    assert index.sizes() == {"a": 2989, "b": 1}
+    for row in (11, 1500, 2500):  # ids 12, 1501, 2501 are found by their own vectors
+        assert index.search("a", x[row], 1)[1].tolist() == [row + 1]
+    assert index.search("a", x[0], 3000)[1].min() >= 12
+
+
+def test_a_snapshot_loads_back_the_same_index(tmp_path, large):
+    index, _, ids, q = large
+    index.save(tmp_path, {"position": 42})
+    loaded, manifest = GalleryIndex.load(tmp_path, DIM, exact_max=1000)
+    assert manifest["position"] == 42
+    saved = {name: tuple(value) for name, value in manifest["fingerprints"].items()}
+    assert loaded.fingerprints() == index.fingerprints() == saved
+    assert loaded.kinds() == {"street": "hnsw"}
+    for query in q[:5]:
+        assert loaded.search("street", query, 10)[1].tolist() == index.search("street", query, 10)[1].tolist()
+    # A second save replaces the files of the first.
+    loaded.remove(ids[:5])
+    loaded.save(tmp_path, {"position": 43})
+    assert len(list(tmp_path.glob("*.faiss"))) == 1
+    again, manifest = GalleryIndex.load(tmp_path, DIM)
+    assert manifest["position"] == 43 and len(again) == len(ids) - 5
+    with pytest.raises(ValueError, match="64-d"):
+        GalleryIndex.load(tmp_path, 32)
