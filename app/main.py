@@ -104,6 +104,9 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
             search_threads=settings.faiss_threads,
             query_expansion=settings.query_expansion,
             store_images=settings.store_images,
+            snapshot_dir=settings.snapshot_dir,
+            exact_max=settings.exact_search_max,
+            snapshot_seconds=settings.snapshot_seconds,
         )
     )
     job = ReembedJob(gallery, batch_size=settings.reembed_batch_size, max_pixels=settings.max_pixels)

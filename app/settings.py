@@ -65,10 +65,27 @@ class Settings(BaseSettings):
         "read by re-embedding); false for deployments that must not keep images.",
     )
     index_sync_seconds: float = Field(
-        default=2.0,
+        default=1.0,
         ge=0,
-        description="How often the service checks the database for searchable rows that another process "
-        "wrote (reid-serve reembed) and brings its index in line; 0: never.",
+        description="How often the service reads the database's change log and applies other processes' "
+        "writes (other replicas, reid-serve reembed) to its index; 0: never.",
+    )
+    index_snapshots: bool = Field(
+        default=True,
+        description="Keep the index in <data_dir>/index with the change-log position it reflects, load it "
+        "at start (checked against the database, caught up) instead of rebuilding it.",
+    )
+    snapshot_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="At most this often the index snapshot is written again while the service runs "
+        "(also after a rebuild and at shutdown); searches wait while it is written.",
+    )
+    exact_search_max: int = Field(
+        default=20_000,
+        gt=0,
+        description="A collection up to this many entries is searched exactly; past it, approximately "
+        "(HNSW). A filter admitting up to this many entries is always scored exactly.",
     )
     reembed_batch_size: int = Field(
         default=64,
@@ -206,6 +223,11 @@ class Settings(BaseSettings):
     def reid_bundle_dir(self) -> Path:
         assert self.reid_bundle is not None
         return self.reid_bundle
+
+    @property
+    def snapshot_dir(self) -> Path | None:
+        """Where the index snapshots live (None: snapshots are off)."""
+        return self.data_dir / "index" if self.index_snapshots else None
 
     @property
     def database(self) -> str:

@@ -1,9 +1,12 @@
 """The gallery: enrollment, search and deletion over the database (truth) and the FAISS index (derived).
 
-Guarantees, within the one process that serves a database:
+Guarantees, for every process that serves a database (replicas):
 
-- A write is committed to the database before the index sees it; a crash in between loses nothing,
-  because the index is rebuilt from the database at every start.
+- A write is committed to the database, with its row in the change log, before the index sees it; a
+  crash in between loses nothing: at start the index is loaded from its snapshot (or rebuilt from the
+  database) and caught up from the change log.
+- The process that took a write updates its index at once; every other one reads the change log about
+  once a second (``sync_index``) and applies what changed.
 - Writes (commit, then index update) run one at a time under a lock, so the index always equals the
   committed searchable rows; SQLite therefore never sees two writers at once. Inference for a write
   runs before the lock is taken.
@@ -18,22 +21,25 @@ Everything here is synchronous; the API runs it in worker threads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gallery import store
-from app.gallery.index import GalleryIndex
+from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
@@ -136,6 +142,10 @@ class Gallery:
         search_threads: int = 1,
         query_expansion: int | None = None,
         store_images: bool = True,
+        snapshot_dir: Path | None = None,
+        exact_max: int = EXACT_MAX,
+        snapshot_seconds: float = 3600.0,
+        build_threads: int | None = None,
     ) -> None:
         self.engine = engine
         self.store_images = store_images
@@ -143,8 +153,24 @@ class Gallery:
         self.models = models
         self.metrics = metrics
         self.search_threads = search_threads
-        self.index = GalleryIndex(models.reid.dim, threads=search_threads)
+        self.exact_max = exact_max
+        self.build_threads = build_threads  # FAISS threads building an HNSW graph; None: every core
+        self.index = self._new_index()
         self._write_lock = threading.Lock()
+        # The change log's id that the index reflects, and the log ids of this process's own writes
+        # (already in the index when the poll reaches them).
+        self.position = 0
+        self._own: set[int] = set()
+        self.started_from: Literal["snapshot", "rebuilt"] | None = None
+        self.snapshot_seconds = snapshot_seconds
+        self.snapshot_dir = None
+        if snapshot_dir is not None:
+            # One folder per database and re-ID bundle: a snapshot only ever meets the rows it came from.
+            url = make_url(str(engine.url)).render_as_string(hide_password=True)
+            key = hashlib.sha256(url.encode()).hexdigest()[:12]
+            self.snapshot_dir = Path(snapshot_dir) / f"{models.reid.version}-{key}"
+        self._snapshot_at = (time.monotonic(), 0)  # when, at which position
+        self._maintenance: threading.Thread | None = None
         spec = models.reid.manifest.query_expansion
         # Neighbours of query expansion (0: off), and the threshold that fits the scores it gives.
         self.expansion = query_expansion if query_expansion is not None else (spec.neighbours if spec else 0)
@@ -166,8 +192,12 @@ class Gallery:
         search_threads: int = 1,
         query_expansion: int | None = None,
         store_images: bool = True,
+        snapshot_dir: Path | None = None,
+        exact_max: int = EXACT_MAX,
+        snapshot_seconds: float = 3600.0,
+        build_threads: int | None = None,
     ) -> Gallery:
-        """Connect, create or migrate the schema, and build the index from the database."""
+        """Connect, create or migrate the schema, and load the index (``start``)."""
         engine = store.open_engine(url)
         store.prepare_schema(engine)
         gallery = cls(
@@ -177,12 +207,35 @@ class Gallery:
             search_threads=search_threads,
             query_expansion=query_expansion,
             store_images=store_images,
+            snapshot_dir=snapshot_dir,
+            exact_max=exact_max,
+            snapshot_seconds=snapshot_seconds,
+            build_threads=build_threads,
         )
-        gallery.rebuild()
+        gallery.start()
         return gallery
 
     def close(self) -> None:
+        """Wait for a rebuild in progress, write a snapshot if anything changed since the last one, and
+        disconnect."""
+        if self._maintenance is not None:
+            self._maintenance.join()
+        try:
+            if self.snapshot_dir is not None:
+                self.catch_up()
+                if self._snapshot_at[1] != self.position:
+                    self.save_snapshot()
+        except Exception:  # a full disk must not stop the shutdown; the next start rebuilds
+            log.exception("could not write the index snapshot")
         self.engine.dispose()
+
+    def _new_index(self) -> GalleryIndex:
+        return GalleryIndex(
+            self.models.reid.dim,
+            threads=self.search_threads,
+            exact_max=self.exact_max,
+            build_threads=self.build_threads,
+        )
 
     @property
     def model_version(self) -> str:
@@ -191,15 +244,156 @@ class Gallery:
     def rebuild(self) -> int:
         """Replace the index with one built from every searchable row; returns its size."""
         start = time.perf_counter()
-        index = GalleryIndex(self.models.reid.dim, threads=self.search_threads)
-        with self._write_lock, self.sessions() as session:
-            for ids, collections, vectors in store.iter_embeddings(
-                session, model_version=self.model_version, dim=index.dim
-            ):
-                index.add(ids, collections, vectors)
-            self.index = index
+        index = self._new_index()
+        with self._write_lock:
+            with self.sessions() as session:
+                # The position first: changes committed after it are applied again by the catch-up
+                # below, which reads their current rows (applying a change twice changes nothing).
+                position = store.change_position(session)
+                for ids, collections, vectors in store.iter_embeddings(
+                    session, model_version=self.model_version, dim=index.dim
+                ):
+                    index.add(ids, collections, vectors)
+            index.maintain()  # large collections get their HNSW graph
+            self.index, self.position = index, position
+            self._own.clear()
         log.info("gallery index built: %d entries in %.2fs", len(index), time.perf_counter() - start)
+        self.catch_up()
         return len(index)
+
+    # -- start-up, snapshots and the change log -----------------------------------------------------
+
+    def start(self) -> str:
+        """Load the index from its snapshot, catch it up from the change log and check it against the
+        database (count and id sum per collection); rebuild it when there is no usable snapshot or it
+        disagrees. Returns how it started: 'snapshot' or 'rebuilt'."""
+        start = time.perf_counter()
+        if self.snapshot_dir is not None and (self.snapshot_dir / "manifest.json").exists():
+            try:
+                index, manifest = GalleryIndex.load(
+                    self.snapshot_dir,
+                    self.models.reid.dim,
+                    threads=self.search_threads,
+                    exact_max=self.exact_max,
+                    build_threads=self.build_threads,
+                )
+                if manifest.get("model_version") != self.model_version:
+                    raise ValueError(f"snapshot of {manifest.get('model_version')}")
+            except Exception as exc:
+                log.warning("index snapshot in %s unusable (%s): rebuilding", self.snapshot_dir, exc)
+            else:
+                with self._write_lock:
+                    self.index, self.position = index, int(manifest["position"])
+                    self._own.clear()
+                self._snapshot_at = (time.monotonic(), self.position)
+                caught_up = self.catch_up()
+                if self.verify():
+                    self.started_from = "snapshot"
+                    log.info(
+                        "gallery index loaded from its snapshot at change %d and caught up (%d changes): "
+                        "%d entries in %.2fs",
+                        manifest["position"],
+                        caught_up,
+                        len(self.index),
+                        time.perf_counter() - start,
+                    )
+                    self._maintain_in_background()
+                    return self.started_from
+                log.warning("index snapshot disagrees with the database after catching up: rebuilding")
+        self.rebuild()
+        self.started_from = "rebuilt"
+        if self.snapshot_dir is not None:
+            try:
+                self.save_snapshot()
+            except OSError as exc:
+                log.warning("could not write the index snapshot to %s: %s", self.snapshot_dir, exc)
+        return self.started_from
+
+    def verify(self, attempts: int = 5) -> bool:
+        """Whether the index holds exactly the searchable rows (count and id sum per collection), read
+        at the change-log position it reflects; a change committed meanwhile by another process makes
+        it catch up and look again."""
+        version = self.model_version
+        for _ in range(attempts):
+            with self._write_lock, self.sessions() as session:
+                if session.get_bind().dialect.name == "postgresql":  # both reads from one snapshot
+                    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                position = store.change_position(session)
+                wanted = store.searchable_fingerprints(session, model_version=version)
+                if position == self.position:
+                    return wanted == self.index.fingerprints()
+            self.catch_up()
+        return False
+
+    def catch_up(self, batch: int = 5000) -> int:
+        """Apply the change log after ``position`` to the index: each entry named there is read as it is
+        now, and added (or replaced) when searchable, removed otherwise. Returns how many were applied."""
+        version, dim = self.model_version, self.models.reid.dim
+        applied = 0
+        with self._write_lock, self.sessions() as session:
+            while True:
+                changes = store.changes_after(session, position=self.position, limit=batch)
+                if not changes:
+                    break
+                ids = sorted({entry for log_id, entry in changes if log_id not in self._own})
+                self._own.difference_update(log_id for log_id, _ in changes)
+                if ids:
+                    found, collections, vectors = store.current_embeddings(
+                        session, ids=ids, model_version=version, dim=dim
+                    )
+                    self.index.remove(np.setdiff1d(np.asarray(ids, np.int64), found))
+                    self.index.add(found, collections, vectors)
+                    applied += len(ids)
+                self.position = changes[-1][0]
+                if len(changes) < batch:
+                    break
+        return applied
+
+    def _logged(self, session: Session, ids: Sequence[int], kind: str) -> list[int]:
+        return store.log_changes(session, entry_ids=ids, kind=kind)
+
+    def _applied(self, log_ids: Sequence[int]) -> None:
+        """Note this process's own changes, committed and in the index (under the write lock)."""
+        if len(self._own) > 100_000:  # the poll is off: forget them (the catch-up re-reads them)
+            self._own.clear()
+        self._own.update(log_ids)
+
+    def save_snapshot(self) -> Path | None:
+        """Write the index with the change-log position it reflects to ``snapshot_dir``."""
+        if self.snapshot_dir is None:
+            return None
+        start = time.perf_counter()
+        self.catch_up()  # the position past this process's own writes (and anyone's, while at it)
+        with self._write_lock:
+            meta = {"position": self.position, "model_version": self.model_version, "saved_at": time.time()}
+            self.index.save(self.snapshot_dir, meta)
+            self._snapshot_at = (time.monotonic(), self.position)
+        log.info(
+            "index snapshot written to %s at change %d in %.2fs",
+            self.snapshot_dir,
+            meta["position"],
+            time.perf_counter() - start,
+        )
+        return self.snapshot_dir
+
+    def _maintain_in_background(self) -> None:
+        """Build HNSW graphs and compact collections (``GalleryIndex.maintain``) in a thread of its own,
+        then write a snapshot when one is due."""
+        if self._maintenance is not None and self._maintenance.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                rebuilt = self.index.maintain()
+                when, position = self._snapshot_at
+                due = time.monotonic() - when >= self.snapshot_seconds and position != self.position
+                if self.snapshot_dir is not None and (rebuilt or due):
+                    self.save_snapshot()
+            except Exception:
+                log.exception("index maintenance failed")
+
+        self._maintenance = threading.Thread(target=run, name="gallery-index-maintenance", daemon=True)
+        self._maintenance.start()
 
     # -- enrollment ---------------------------------------------------------------------------------
 
@@ -289,11 +483,13 @@ class Gallery:
                 unindexed = [
                     e.id for e in known.values() if e.model_version == version and e.id not in self.index
                 ]
+                refreshed: list[int] = []
                 for digest, entry in known.items():
                     status: EnrollStatus = "existing"
                     if entry.model_version != version:
                         store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
                         changed.append((entry.id, computed[digest].embedding))
+                        refreshed.append(entry.id)
                         status = "refreshed"
                     record = store.entry_record(entry, model_version=version, has_image=entry.id in stored)
                     results[digest] = _enrolled(record, status)
@@ -304,10 +500,12 @@ class Gallery:
                     )
                     repaired = found.tolist()
                     changed += zip(repaired, kept, strict=True)
+                logged = self._logged(session, ids, "added") + self._logged(session, refreshed, "reembedded")
             # Committed: only now does the index see the new rows.
             if changed:
                 entry_ids, vectors = zip(*changed, strict=True)
                 self.index.add(np.array(entry_ids), [collection] * len(entry_ids), np.stack(vectors))
+            self._applied(logged)  # (not when the index update failed: the poll then applies them)
             if repaired:
                 log.warning("entries %s were in the database but not in the index; added", repaired)
         return results
@@ -420,7 +618,9 @@ class Gallery:
                 if store.get_entry(session, entry_id=entry_id) is None:
                     return False
                 store.delete_entries(session, ids=[entry_id])
+                logged = self._logged(session, [entry_id], "removed")
             self.index.remove([entry_id])
+            self._applied(logged)
         return True
 
     def erase_identity(self, *, collection: str, identity: str) -> list[int]:
@@ -429,7 +629,9 @@ class Gallery:
             with self.sessions.begin() as session:
                 ids = store.identity_entry_ids(session, collection=collection, identity=identity)
                 store.delete_entries(session, ids=ids)
+                logged = self._logged(session, ids, "removed")
             self.index.remove(ids)
+            self._applied(logged)
         return ids
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -482,42 +684,27 @@ class Gallery:
                     model_version=self.model_version,
                     attribute_model_version=self.models.attributes.version,
                 )
-            vectors = [item for item in applied if item.embedding is not None]
+                vectors = [item for item in applied if item.embedding is not None]
+                logged = self._logged(session, [item.seen.id for item in vectors], "reembedded")
             if update_index and vectors:
                 self.index.add(
                     np.array([item.seen.id for item in vectors]),
                     [item.seen.collection for item in vectors],
                     np.stack([item.embedding for item in vectors]),
                 )
+                self._applied(logged)
         return len(applied)
 
     def sync_index(self) -> int:
-        """Bring the index in line with the database after writes by other processes (``reid-serve
-        reembed``); returns how many entries were added or removed.
-
-        Per collection, the count and id sum of the rows made by the loaded bundle are compared with the
-        index's (one aggregate query); only a collection that differs has its ids read and diffed. Under
-        the write lock, so this process's own writes (committed, then indexed) are never half-seen.
-        """
-        version, dim = self.model_version, self.models.reid.dim
-        changes = 0
-        with self._write_lock, self.sessions() as session:
-            wanted = store.searchable_fingerprints(session, model_version=version)
-            held = self.index.fingerprints()
-            for collection in sorted(set(wanted) | set(held)):
-                if wanted.get(collection, (0, 0)) == held.get(collection, (0, 0)):
-                    continue
-                rows = store.searchable_ids(session, collection=collection, model_version=version)
-                present = self.index.ids(collection)
-                gone = np.setdiff1d(present, rows, assume_unique=True)
-                new = np.setdiff1d(rows, present, assume_unique=True)
-                self.index.remove(gone)
-                for start in range(0, len(new), 10_000):  # bound the statement's parameters
-                    ids, vectors = store.embeddings_of(
-                        session, ids=new[start : start + 10_000].tolist(), model_version=version, dim=dim
-                    )
-                    self.index.add(ids, [collection] * len(ids), vectors)
-                changes += len(gone) + len(new)
-        if changes:
-            log.info("gallery index caught up with the database: %d entries added or removed", changes)
-        return changes
+        """What the service runs about once a second: apply the change log's new rows (writes by other
+        replicas, by ``reid-serve reembed``, or an index update of this process that failed after its
+        commit), then start a background rebuild of any collection that needs one (past the exact size,
+        or many removed rows) and a snapshot when one is due. Returns how many entries were applied."""
+        applied = self.catch_up()
+        if applied:
+            log.info("index caught up with the change log: %d entries added, replaced or removed", applied)
+        since = time.monotonic() - self._snapshot_at[0]
+        due = self.snapshot_dir is not None and since >= self.snapshot_seconds
+        if due or self.index.needs_maintenance():
+            self._maintain_in_background()
+        return applied

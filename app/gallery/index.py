@@ -251,8 +251,8 @@ class GalleryIndex:
                 rows = self._row_of[allowed[self._collection_of[allowed] == number]]
                 if len(rows) == 0:
                     return empty
-                if len(rows) <= self.exact_max or not c.approximate:
-                    # Few admitted (or a small collection): score exactly those vectors.
+                if len(rows) * 64 <= c.rows:
+                    # Few admitted: score exactly those vectors, gathered.
                     scores = c.vectors()[rows] @ query[0]
                     best = _top(scores, k)
                     return scores[best].astype(np.float32), c.ids[rows[best]]
@@ -260,6 +260,15 @@ class GalleryIndex:
                 flags = np.zeros(c.rows, bool)
                 flags[rows] = True
                 bitmap = np.packbits(flags, bitorder="little")
+                if len(rows) <= self.exact_max or not c.approximate:
+                    # Up to exact_max admitted (or a small collection): every row, skipping the others.
+                    exhaustive = faiss.downcast_index(c.index.storage) if c.approximate else c.index
+                    selector = faiss.IDSelectorBitmap(c.rows, faiss.swig_ptr(bitmap))
+                    scores, found = exhaustive.search(
+                        query, min(k, admitted), params=faiss.SearchParameters(sel=selector)
+                    )
+                    keep = found[0] >= 0
+                    return scores[0][keep], c.ids[found[0][keep]]
             k = min(k, admitted)
             params = faiss.SearchParametersHNSW() if c.approximate else faiss.SearchParameters()
             if c.approximate:
@@ -303,7 +312,7 @@ class GalleryIndex:
             old = self._collections[name]
             copied = old.rows
             alive = old.alive[:copied].copy()
-            vectors = old.vectors()[alive].copy()
+            vectors = old.vectors()[alive]  # (a copy)
             ids = old.ids[:copied][alive].copy()
         approximate = len(ids) > self.exact_max
         index = _new_index(self.dim, approximate)

@@ -52,7 +52,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.schema import CreateTable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Where the API serves an entry's stored crop; entries and matches carry it so clients build no URLs.
 IMAGE_URL = "/gallery/{}/image"
@@ -143,6 +143,21 @@ class StoredImage(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class Change(Base):
+    """The change log: one row per entry added, removed or re-embedded, written in the transaction that
+    made the change. Every replica on the database reads it from the position its index reflects
+    (``changes_after``) to stay current; ids only grow, and commit in id order (``log_changes``)."""
+
+    __tablename__ = "gallery_changes"
+
+    id: Mapped[int] = mapped_column(EntryId, primary_key=True, autoincrement=True)
+    entry_id: Mapped[int] = mapped_column(EntryId)  # no foreign key: a removed entry's row stays
+    kind: Mapped[str] = mapped_column(String(16))  # 'added', 'removed', 'reembedded'
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+
 class SchemaVersion(Base):
     __tablename__ = "reid_schema"
 
@@ -177,8 +192,18 @@ def _ids_never_reused(conn: Connection) -> None:
         raise SchemaError("rebuilding gallery_entries broke a foreign key; the migration was rolled back")
 
 
+def _change_log(conn: Connection) -> None:
+    # v3 -> v4: the change log that replicas follow. It starts empty: a replica's index of the rows
+    # before it comes from a rebuild at its next start (no snapshot matches an older schema).
+    Change.__table__.create(conn)
+
+
 # version -> step that upgrades a database from version-1 to version.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _stored_crops, 3: _ids_never_reused}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _stored_crops,
+    3: _ids_never_reused,
+    4: _change_log,
+}
 
 
 class SchemaError(RuntimeError):
@@ -749,3 +774,49 @@ def embeddings_of(
     found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
     return found, vectors
+
+
+# ---------------------------------------------------------------------------------------------------
+# The change log (replicas and index snapshots follow it)
+
+# Held by the transaction that appends to the log, until it commits: log ids are taken and committed in
+# the same order, so a reader that has seen id n has seen every id below it. (SQLite has one writer.)
+_LOG_LOCK = 0x72656964  # 'reid'
+
+
+def log_changes(session: Session, *, entry_ids: Sequence[int], kind: str) -> list[int]:
+    """Append one change per entry to the log, in the caller's transaction; returns the log ids. Call it
+    last in the transaction: on PostgreSQL it serialises the writers from here to their commit."""
+    if not entry_ids:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOG_LOCK})
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [{"entry_id": int(i), "kind": kind, "created_at": now} for i in entry_ids]
+    return list(session.scalars(insert(Change).returning(Change.id, sort_by_parameter_order=True), rows))
+
+
+def change_position(session: Session) -> int:
+    """The id of the last change committed (0 for an empty log)."""
+    return int(session.scalar(select(func.max(Change.id))) or 0)
+
+
+def changes_after(session: Session, *, position: int, limit: int) -> list[tuple[int, int]]:
+    """(log id, entry id) of the next ``limit`` changes after ``position``, in log order."""
+    query = select(Change.id, Change.entry_id).where(Change.id > position).order_by(Change.id).limit(limit)
+    return [(int(i), int(e)) for i, e in session.execute(query)]
+
+
+def current_embeddings(
+    session: Session, *, ids: Sequence[int], model_version: str, dim: int
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(ids, collections, vectors) of those of ``ids`` that exist and are made by ``model_version``."""
+    query = (
+        select(Entry.id, Entry.collection, Embedding.vector)
+        .join(Embedding, Embedding.entry_id == Entry.id)
+        .where(Entry.id.in_(list(ids)), Entry.model_version == model_version)
+    )
+    rows = session.execute(query).all()
+    found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    return found, [r[1] for r in rows], vectors

@@ -14,11 +14,12 @@ from tests.service.helpers import crop, enroll, files, make_settings, query
 
 def as_version_1(url: str) -> None:
     """Turn a current database into what version 1 left: the schema then was today's without the
-    gallery_images table and with an index on model_version alone (the changes of version 2), with
-    version 1 recorded."""
+    gallery_images table and with an index on model_version alone (the changes of version 2), without
+    the change log (version 4), with version 1 recorded."""
     engine = create_engine(url)
     with engine.begin() as conn:
         store.StoredImage.__table__.drop(conn)
+        store.Change.__table__.drop(conn)
         conn.execute(text("DROP INDEX ix_gallery_entries_version_collection"))
         conn.execute(text("CREATE INDEX ix_gallery_entries_model_version ON gallery_entries (model_version)"))
         conn.execute(text("UPDATE reid_schema SET version = 1"))
@@ -45,7 +46,7 @@ def test_a_version_1_gallery_upgrades_and_keeps_its_entries(bundles, database_ur
     current = {i.name for i in store.Entry.__table__.indexes}
     as_version_1(settings.database)
     version, tables, indexes = schema_state(settings.database)
-    assert (version, tables) == (1, store.Base.metadata.tables.keys() - {"gallery_images"})
+    assert (version, tables) == (1, store.Base.metadata.tables.keys() - {"gallery_images", "gallery_changes"})
     assert indexes == current - {"ix_gallery_entries_version_collection"} | {
         "ix_gallery_entries_model_version"
     }
@@ -57,7 +58,7 @@ def test_a_version_1_gallery_upgrades_and_keeps_its_entries(bundles, database_ur
             set(store.Base.metadata.tables),
             current,
         )
-        assert store.SCHEMA_VERSION == 3
+        assert store.SCHEMA_VERSION == 4
         stats = client.get("/gallery/stats").json()
         assert stats["entries"] == stats["searchable"] == stats["index_size"] == 3
         assert stats["stored_images"] == 0
