@@ -178,9 +178,8 @@ def database_problem(exc: BaseException) -> tuple[int, str] | None:
 
 async def _database_error(request: Request, exc: Exception) -> ProblemResponse:
     found = database_problem(exc)
-    if found is None:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return await _server_error(request, exc)
+    if found is None:  # a bug, like any other exception: the outermost handler answers 500 and logs it
+        raise exc
     status, detail = found
     reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
     log.warning("%s %s: %d, database error: %s", request.method, request.url.path, status, reason)
