@@ -250,10 +250,9 @@ class Gallery:
                 # The position first: changes committed after it are applied again by the catch-up
                 # below, which reads their current rows (applying a change twice changes nothing).
                 position = store.change_position(session)
-                for ids, collections, vectors in store.iter_embeddings(
-                    session, model_version=self.model_version, dim=index.dim
-                ):
-                    index.add(ids, collections, vectors)
+                for rows in store.iter_embeddings(session, model_version=self.model_version, dim=index.dim):
+                    fields = {"cameras": rows.cameras, "times": rows.times}
+                    index.add(rows.ids, rows.collections, rows.vectors, **fields)
             index.maintain()  # large collections get their HNSW graph
             self.index, self.position = index, position
             self._own.clear()
@@ -338,11 +337,11 @@ class Gallery:
                 ids = sorted({entry for log_id, entry in changes if log_id not in self._own})
                 self._own.difference_update(log_id for log_id, _ in changes)
                 if ids:
-                    found, collections, vectors = store.current_embeddings(
-                        session, ids=ids, model_version=version, dim=dim
+                    rows = store.current_embeddings(session, ids=ids, model_version=version, dim=dim)
+                    self.index.remove(np.setdiff1d(np.asarray(ids, np.int64), rows.ids))
+                    self.index.add(
+                        rows.ids, rows.collections, rows.vectors, cameras=rows.cameras, times=rows.times
                     )
-                    self.index.remove(np.setdiff1d(np.asarray(ids, np.int64), found))
-                    self.index.add(found, collections, vectors)
                     applied += len(ids)
                 self.position = changes[-1][0]
                 if len(changes) < batch:
@@ -464,7 +463,11 @@ class Gallery:
                     d: _created(entry_id, collection, computed[d], version, created_at)
                     for d, entry_id in zip(new, ids, strict=True)
                 }
-                changed = [(entry_id, computed[d].embedding) for d, entry_id in zip(new, ids, strict=True)]
+                # (id, embedding, camera, captured_at) of every entry the index is to hold anew
+                changed = [
+                    (entry_id, computed[d].embedding, computed[d].camera_id, computed[d].captured_at)
+                    for d, entry_id in zip(new, ids, strict=True)
+                ]
                 stored = store.with_image(session, ids=[entry.id for entry in known.values()])
                 if self.store_images:
                     # Entries enrolled before crops were kept (or while REID_STORE_IMAGES was off) keep
@@ -488,7 +491,8 @@ class Gallery:
                     status: EnrollStatus = "existing"
                     if entry.model_version != version:
                         store.refresh_entry(session, entry=entry, item=computed[digest], **kwargs)
-                        changed.append((entry.id, computed[digest].embedding))
+                        vector = computed[digest].embedding
+                        changed.append((entry.id, vector, entry.camera_id, entry.captured_at))
                         refreshed.append(entry.id)
                         status = "refreshed"
                     record = store.entry_record(entry, model_version=version, has_image=entry.id in stored)
@@ -499,12 +503,22 @@ class Gallery:
                         session, ids=unindexed, model_version=version, dim=self.models.reid.dim
                     )
                     repaired = found.tolist()
-                    changed += zip(repaired, kept, strict=True)
+                    by_id = {e.id: e for e in known.values()}
+                    changed += [
+                        (i, v, by_id[i].camera_id, by_id[i].captured_at)
+                        for i, v in zip(repaired, kept, strict=True)
+                    ]
                 logged = self._logged(session, ids, "added") + self._logged(session, refreshed, "reembedded")
             # Committed: only now does the index see the new rows.
             if changed:
-                entry_ids, vectors = zip(*changed, strict=True)
-                self.index.add(np.array(entry_ids), [collection] * len(entry_ids), np.stack(vectors))
+                entry_ids, vectors, cameras, times = zip(*changed, strict=True)
+                self.index.add(
+                    np.array(entry_ids),
+                    [collection] * len(entry_ids),
+                    np.stack(vectors),
+                    cameras=cameras,
+                    times=times,
+                )
             self._applied(logged)  # (not when the index update failed: the poll then applies them)
             if repaired:
                 log.warning("entries %s were in the database but not in the index; added", repaired)
@@ -570,9 +584,12 @@ class Gallery:
             if filters.empty:
                 candidates = self.index.sizes().get(collection, 0)
             else:
-                allowed = store.matching_ids(
-                    session, collection=collection, model_version=self.model_version, filters=filters
-                )
+                if filters.attributes:
+                    allowed = store.matching_ids(
+                        session, collection=collection, model_version=self.model_version, filters=filters
+                    )
+                else:  # camera and time: from the fields the index holds per row, not the database
+                    allowed = self.index.select(collection, filters)
                 candidates = len(allowed)
             neighbours, threshold = self.query_settings(expand)
             if neighbours:
@@ -685,12 +702,16 @@ class Gallery:
                     attribute_model_version=self.models.attributes.version,
                 )
                 vectors = [item for item in applied if item.embedding is not None]
-                logged = self._logged(session, [item.seen.id for item in vectors], "reembedded")
+                ids = [item.seen.id for item in vectors]
+                logged = self._logged(session, ids, "reembedded")
+                fields = store.filter_fields(session, ids=ids) if update_index else {}
             if update_index and vectors:
                 self.index.add(
-                    np.array([item.seen.id for item in vectors]),
+                    np.array(ids),
                     [item.seen.collection for item in vectors],
                     np.stack([item.embedding for item in vectors]),
+                    cameras=[fields[i][0] for i in ids],
+                    times=[fields[i][1] for i in ids],
                 )
                 self._applied(logged)
         return len(applied)

@@ -608,12 +608,23 @@ def matching_ids(
     return np.fromiter(session.scalars(query), dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class IndexRows:
+    """What the index holds of some entries: ids, collections, vectors, and the fields it filters on."""
+
+    ids: np.ndarray
+    collections: list[str]
+    vectors: np.ndarray
+    cameras: list[str | None]
+    times: list[datetime | None]  # captured_at, naive UTC
+
+
 def iter_embeddings(
     session: Session, *, model_version: str, dim: int, chunk: int = 10_000
-) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
-    """(ids, collections, vectors) of every entry made by ``model_version``, ``chunk`` rows at a time."""
+) -> Iterator[IndexRows]:
+    """The index's rows of every entry made by ``model_version``, ``chunk`` rows at a time."""
     query = (
-        select(Entry.id, Entry.collection, Embedding.vector)
+        select(Entry.id, Entry.collection, Embedding.vector, Entry.camera_id, Entry.captured_at)
         .join(Embedding, Embedding.entry_id == Entry.id)
         .where(Entry.model_version == model_version)
         .order_by(Entry.id)
@@ -623,7 +634,7 @@ def iter_embeddings(
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         blob = b"".join(r[2] for r in rows)
         vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
-        yield ids, [r[1] for r in rows], vectors
+        yield IndexRows(ids, [r[1] for r in rows], vectors, [r[3] for r in rows], [r[4] for r in rows])
 
 
 def counts(session: Session) -> list[tuple[str, str, int]]:
@@ -807,16 +818,22 @@ def changes_after(session: Session, *, position: int, limit: int) -> list[tuple[
     return [(int(i), int(e)) for i, e in session.execute(query)]
 
 
-def current_embeddings(
-    session: Session, *, ids: Sequence[int], model_version: str, dim: int
-) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(ids, collections, vectors) of those of ``ids`` that exist and are made by ``model_version``."""
+def current_embeddings(session: Session, *, ids: Sequence[int], model_version: str, dim: int) -> IndexRows:
+    """The index's rows of those of ``ids`` that exist and are made by ``model_version``."""
     query = (
-        select(Entry.id, Entry.collection, Embedding.vector)
+        select(Entry.id, Entry.collection, Embedding.vector, Entry.camera_id, Entry.captured_at)
         .join(Embedding, Embedding.entry_id == Entry.id)
         .where(Entry.id.in_(list(ids)), Entry.model_version == model_version)
     )
     rows = session.execute(query).all()
     found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-    return found, [r[1] for r in rows], vectors
+    return IndexRows(found, [r[1] for r in rows], vectors, [r[3] for r in rows], [r[4] for r in rows])
+
+
+def filter_fields(session: Session, *, ids: Sequence[int]) -> dict[int, tuple[str | None, datetime | None]]:
+    """{id: (camera_id, captured_at)}: the fields the index filters on, of entries it is given anew."""
+    if not ids:
+        return {}
+    query = select(Entry.id, Entry.camera_id, Entry.captured_at).where(Entry.id.in_(list(ids)))
+    return {i: (camera, captured) for i, camera, captured in session.execute(query)}
