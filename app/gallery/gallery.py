@@ -216,10 +216,10 @@ class Gallery:
         return gallery
 
     def close(self) -> None:
-        """Wait for a rebuild in progress, write a snapshot if anything changed since the last one, and
-        disconnect."""
-        if self._maintenance is not None:
-            self._maintenance.join()
+        """Wait a moment for a rebuild in progress, write a snapshot if anything changed since the last
+        one, and disconnect."""
+        if self._maintenance is not None:  # a graph being built: the next start builds it again
+            self._maintenance.join(timeout=5)
         try:
             if self.snapshot_dir is not None:
                 self.catch_up()

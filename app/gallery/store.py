@@ -94,8 +94,8 @@ class Entry(Base):
         # Search filters always fix collection and model version: these two cover them with the id.
         Index("ix_gallery_entries_search_camera", "collection", "model_version", "camera_id"),
         Index("ix_gallery_entries_search_captured", "collection", "model_version", "captured_at"),
-        # Covers the per-collection count and id sum of a version that the index sync polls for
-        # (Gallery.sync_index): 13 ms at 100k entries on SQLite, against 51 ms with model_version alone.
+        # Covers the per-collection count and id sum of a version that a snapshot is checked against at
+        # start (Gallery.verify): 13 ms at 100k entries on SQLite, against 51 ms with model_version alone.
         Index("ix_gallery_entries_version_collection", "model_version", "collection"),
         # An id is never handed out twice (SQLite would otherwise reuse the highest one after its
         # delete; PostgreSQL's sequence never does): clients and caches may hold on to ids.
