@@ -42,7 +42,8 @@ class QueryExpansionSpec(BaseModel):
     threshold, because expanded queries score higher than plain ones."""
 
     neighbours: int = Field(gt=0)
-    alpha: float = 3.0
+    # Absent from manifests recorded before 2026-12-01, which were validated with weights sim^3.
+    alpha: float = Field(default=3.0, ge=0, description="neighbour weights are similarity**alpha")
     match_threshold: float = Field(description="similarity of expanded queries at 1% false matches")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="validation metrics with and without it, per protocol"

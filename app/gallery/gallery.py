@@ -43,7 +43,7 @@ from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
-from app.retrieval import expand_queries
+from app.retrieval import QE_ALPHA, expand_queries
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class Gallery:
         # Neighbours of query expansion (0: off), and the threshold that fits the scores it gives.
         self.expansion = query_expansion if query_expansion is not None else (spec.neighbours if spec else 0)
         self.expanded_threshold = spec.match_threshold if spec else models.reid.match_threshold
+        self.expansion_alpha = spec.alpha if spec else QE_ALPHA  # the weights it was validated with
         if self.expansion and spec is None:
             log.warning(
                 "query expansion is on but %s has no calibrated threshold for it: is_match uses the plain "
@@ -596,7 +597,9 @@ class Gallery:
                 sims, near = self.index.search(collection, vector, neighbours, allowed=allowed)
                 if len(near):
                     stacked = self.index.vectors(collection, near)
-                    vector = expand_queries(vector[None], stacked[None], sims[None])[0]
+                    vector = expand_queries(
+                        vector[None], stacked[None], sims[None], alpha=self.expansion_alpha
+                    )[0]
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
                 scores, ids = self.index.search(collection, vector, k, allowed=allowed)

@@ -53,6 +53,28 @@ def test_the_bundle_decides_and_a_request_can_opt_out(calibrated, tmp_path, peop
         assert scores == sorted(scores, reverse=True)
 
 
+def test_the_bundles_alpha_weights_the_neighbours(bundles, tmp_path, people):
+    """The neighbours are weighted by similarity**alpha with the alpha the manifest validated."""
+    scores = {}
+    for alpha in (0.0, 8.0):
+        reid = shutil.copytree(bundles.reid, tmp_path / f"alpha{alpha}" / "reid")
+        manifest = json.loads((reid / MANIFEST).read_text())
+        manifest["query_expansion"] = {"neighbours": 3, "alpha": alpha, "match_threshold": 0.95}
+        (reid / MANIFEST).write_text(json.dumps(manifest))
+        settings = make_settings(
+            Bundles(bundles.attributes, reid),
+            tmp_path / f"data{alpha}",
+            database_url=sqlite_url(tmp_path / f"data{alpha}"),
+        )
+        with TestClient(create_app(settings)) as client:
+            populate(client, people)
+            body = ask(client, crop(people[0], 3), top_k=20)
+            plain = ask(client, crop(people[0], 3), top_k=20, query_expansion="false")
+        scores[alpha] = [m["score"] for m in body["matches"]], [m["score"] for m in plain["matches"]]
+    assert scores[0.0][1] == scores[8.0][1]  # the same gallery and plain query
+    assert scores[0.0][0] != scores[8.0][0]
+
+
 def test_the_setting_overrides_the_bundle(calibrated, tmp_path, people):
     url = sqlite_url(tmp_path)
     settings = make_settings(calibrated, tmp_path / "data", database_url=url, query_expansion=0)

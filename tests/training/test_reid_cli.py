@@ -126,6 +126,9 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     split, every = read_manifest(store / "split"), read_manifest(store / "all")
     assert every.metrics["mAP"] == split.metrics["mAP"] and every.metrics["identities"] == 12
     assert every.match_threshold == split.match_threshold and "every identity" in every.metrics["trained_on"]
+    from app.retrieval import QE_ALPHA, QE_NEIGHBOURS
+
+    assert (split.query_expansion.neighbours, split.query_expansion.alpha) == (QE_NEIGHBOURS, QE_ALPHA)
 
     args = [
         "evaluate-reid",

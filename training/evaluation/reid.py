@@ -263,7 +263,7 @@ class ReIDEvaluator:
         metrics["match_threshold"] = thr["threshold"]
         metrics["true_match_rate_at_threshold"] = thr["true_match_rate"]
         if self.query_expansion:
-            from app.retrieval import expand_against
+            from app.retrieval import QE_ALPHA, expand_against
 
             gallery = feats[g].numpy()
             expanded = expand_against(feats[q].numpy(), gallery, k=self.query_expansion)
@@ -275,6 +275,7 @@ class ReIDEvaluator:
             metrics["query_expansion"] = {
                 **{k: v for k, v in qe.items() if k != "cmc"},
                 "neighbours": self.query_expansion,
+                "alpha": QE_ALPHA,
                 "match_threshold": qe_thr["threshold"],
                 "true_match_rate_at_threshold": qe_thr["true_match_rate"],
             }

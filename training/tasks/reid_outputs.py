@@ -253,6 +253,7 @@ def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]
     measured = {"validation": validation, **protocols}
     return {
         "neighbours": qe["neighbours"],
+        "alpha": qe.get("alpha", 3.0),  # evaluations before 2026-12-01 weighted neighbours sim^3
         "match_threshold": qe["match_threshold"],
         "metrics": {
             name: {
