@@ -56,6 +56,11 @@ def _attribute_fields(
             "attribute_schema": schema_as_dict(),
             "metrics": _split_run_rule(checkpoint, saved, metrics_from),
         }
+    if checkpoint.get("config", {}).get("train_all"):
+        raise ExportError(
+            f"{run_dir} was trained on every identity, so its validation identities were seen: export it "
+            "with --metrics-from the bundle of the same recipe's split run"
+        )
     metrics = _scalars(saved.get("validation") or checkpoint["metrics"])
     if logit_adjust:
         row, taus = _measured_rule(saved, logit_adjust)

@@ -148,18 +148,19 @@ def test_export_with_logit_adjustment(attribute_run, tmp_path):
 
 
 def _plain_and_adjusted(run, tmp_path, *args):
-    """Bundles of ``run`` exported plainly and with ``args``, and both models' logits on one batch."""
-    from app.nets.bundles import load_bundle
+    """``run`` exported with ``args``, and the logits of its best.pt and of that bundle on one batch."""
+    from app.nets.bundles import build_network, load_bundle
+    from training.engine import load_checkpoint
 
-    for name, extra in (("plain", ()), ("adjusted", args)):
-        result = invoke("export", run, "--store", tmp_path / name, *extra)
-        assert result.exit_code == 0, result.output
-    (_, plain), (manifest, adjusted) = (
-        load_bundle(tmp_path / n / "attributes") for n in ("plain", "adjusted")
-    )
+    result = invoke("export", run, "--store", tmp_path / "adjusted", *args)
+    assert result.exit_code == 0, result.output
+    manifest, adjusted = load_bundle(tmp_path / "adjusted" / "attributes")
+    best = load_checkpoint(run / "best.pt")
+    plain = build_network("attributes", best["architecture"])
+    plain.load_state_dict(best["model"])
     x = torch.randint(0, 256, (6, 3, 64, 32), dtype=torch.uint8)
     with torch.no_grad():
-        return manifest, plain(x), adjusted(x)
+        return manifest, plain.eval()(x), adjusted(x)
 
 
 def test_export_with_per_group_logit_adjustment(attribute_run, tmp_path):
@@ -204,6 +205,8 @@ def test_train_all_exports_with_the_split_runs_rule(attribute_run, course_root, 
     for name, log_prior in priors.items():
         tau = source.metrics["logit_adjust"][name]
         torch.testing.assert_close(after[name], before[name] - tau * torch.tensor(log_prior))
+    seen = invoke("export", run, "--store", tmp_path / "w")
+    assert seen.exit_code == 1 and "--metrics-from" in seen.output
     both = invoke("export", run, "--store", tmp_path / "y", "--metrics-from", split_bundle / "attributes",
                   "--logit-adjust", "0.5")  # fmt: skip
     assert both.exit_code == 1 and "cannot be given too" in both.output
