@@ -581,20 +581,20 @@ class Gallery:
         """
         start = time.perf_counter()
         with self.sessions() as session:
-            allowed = None
+            allowed, where = None, None
             if filters.empty:
                 candidates = self.index.sizes().get(collection, 0)
-            else:
-                if filters.attributes:
-                    allowed = store.matching_ids(
-                        session, collection=collection, model_version=self.model_version, filters=filters
-                    )
-                else:  # camera and time: from the fields the index holds per row, not the database
-                    allowed = self.index.select(collection, filters)
+            elif filters.attributes:
+                allowed = store.matching_ids(
+                    session, collection=collection, model_version=self.model_version, filters=filters
+                )
                 candidates = len(allowed)
+            else:  # camera and time: from the fields the index holds per row, not the database
+                where = filters
+                candidates = self.index.count(collection, filters)
             neighbours, threshold = self.query_settings(expand)
             if neighbours:
-                sims, near = self.index.search(collection, vector, neighbours, allowed=allowed)
+                sims, near = self.index.search(collection, vector, neighbours, allowed=allowed, where=where)
                 if len(near):
                     stacked = self.index.vectors(collection, near)
                     vector = expand_queries(
@@ -602,7 +602,7 @@ class Gallery:
                     )[0]
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
-                scores, ids = self.index.search(collection, vector, k, allowed=allowed)
+                scores, ids = self.index.search(collection, vector, k, allowed=allowed, where=where)
                 if min_score is not None:
                     keep = scores >= min_score
                     scores, ids = scores[keep], ids[keep]

@@ -153,3 +153,32 @@ def test_a_snapshot_loads_back_the_same_index(tmp_path, large):
     assert manifest["position"] == 43 and len(again) == len(ids) - 5
     with pytest.raises(ValueError, match="64-d"):
         GalleryIndex.load(tmp_path, 32)
+
+
+def test_camera_and_time_filters_held_by_the_index_search_as_the_same_ids_would():
+    from datetime import datetime, timedelta
+
+    from app.gallery.store import SearchFilters
+
+    x, q = clustered(4000, seed=3)
+    ids = np.arange(1, 4001, dtype=np.int64)
+    cameras = [None if i % 5 == 0 else f"cam{i % 4}" for i in range(4000)]
+    start = datetime(2026, 1, 1)
+    times = [None if i % 7 == 0 else start + timedelta(minutes=i) for i in range(4000)]
+    index = GalleryIndex(DIM, exact_max=500)
+    index.add(ids, ["a"] * 4000, x, cameras=cameras, times=times)
+    index.maintain()
+    assert index.kinds() == {"a": "hnsw"}
+    for filters in (
+        SearchFilters(cameras=("cam1",)),  # 20%: the graph with a selector
+        SearchFilters(exclude_cameras=("cam1", "cam2")),
+        SearchFilters(cameras=("cam3",), captured_after=start + timedelta(minutes=3000)),  # 4%: scanned
+        SearchFilters(captured_before=start + timedelta(minutes=40)),  # 1%: gathered
+    ):
+        admitted = index.select("a", filters)
+        assert index.count("a", filters) == len(admitted) > 0
+        for query in q[:5]:
+            by_where = index.search("a", query, 10, where=filters)
+            by_ids = index.search("a", query, 10, allowed=admitted)
+            assert by_where[1].tolist() == by_ids[1].tolist()
+            assert set(by_where[1].tolist()) <= set(admitted.tolist())
