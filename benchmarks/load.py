@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.gallery import store  # noqa: E402
+from benchmarks.service_bench import free_port, serve_command  # noqa: E402
 from tests.synthetic import make_identities, render  # noqa: E402
 
 ENDPOINTS = ("enroll", "query", "list", "delete")
@@ -62,17 +62,6 @@ CAMERAS = 6
 
 
 # -- the server -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "reid-serve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.main"]
 
 
 class Server:
