@@ -129,6 +129,16 @@ async def _monitor_readiness(
             await asyncio.sleep(0.2)
 
 
+def seeded_workload(url: str, args) -> Workload:
+    """100 entries enrolled, then the mixed workload that will run against them (its ledger knows them)."""
+    crops = Crops(people=50)
+    seeded = Ledger()
+    seed_gallery(url, crops, 100, seeded)
+    workload = Workload(url, crops, MIX, timeout=args.timeout)
+    workload.ledger.created |= seeded.created
+    return workload
+
+
 def pg_outage(args) -> dict:
     root = Path(tempfile.mkdtemp(prefix="reid-faults-pg-"))
     cluster = Cluster(root / "cluster")
@@ -138,11 +148,7 @@ def pg_outage(args) -> dict:
     )
     try:
         server.start()
-        crops = Crops(people=50)
-        seeded = Ledger()
-        seed_gallery(server.url, crops, 100, seeded)
-        workload = Workload(server.url, crops, MIX, timeout=args.timeout)
-        workload.ledger.created |= seeded.created
+        workload = seeded_workload(server.url, args)
         before, after = 8.0, 15.0
         events: dict[str, float] = {}
         readiness: list[tuple[float, int | None]] = []
@@ -282,11 +288,7 @@ def kill9(args) -> dict:
         server = Server(env, root / "server.log", port=port)
         try:
             server.start()
-            crops = Crops(people=50)
-            seeded = Ledger()
-            seed_gallery(server.url, crops, 100, seeded)
-            workload = Workload(server.url, crops, MIX, timeout=args.timeout)
-            workload.ledger.created |= seeded.created
+            workload = seeded_workload(server.url, args)
 
             async def run(workload: Workload = workload, server: Server = server) -> float:
                 stop = asyncio.Event()
