@@ -79,6 +79,14 @@ class Proxy:
             self._sockets.clear()
 
 
+def behind_a_proxy(bundles, tmp_path):
+    """A fresh PostgreSQL database reached through a :class:`Proxy`, and service settings that use it."""
+    url = make_url(fresh_postgres())
+    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    return proxy, make_settings(bundles, tmp_path / "data", database_url=through, index_sync_seconds=0)
+
+
 def timed(call):
     start = time.perf_counter()
     response = call()
@@ -94,10 +102,7 @@ def assert_unavailable(response) -> None:
 
 @pytest.mark.postgres
 def test_database_away_is_503_with_retry_after_and_the_service_recovers(bundles, tmp_path, people):
-    url = make_url(fresh_postgres())
-    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
-    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    settings = make_settings(bundles, tmp_path / "data", database_url=through, index_sync_seconds=0)
+    proxy, settings = behind_a_proxy(bundles, tmp_path)
     try:
         with TestClient(create_app(settings)) as client:
             kept = [enroll(client, crop(p), identity=f"p{p.pid}")[0]["id"] for p in people[:3]]
@@ -176,10 +181,7 @@ def test_full_sqlite_database_is_507_and_nothing_half_written(bundles, tmp_path,
 def test_database_lost_after_the_work_still_answers(bundles, tmp_path, people):
     """The connection dies after the request's last query, before its session is closed: the rollback
     that returns the connection fails, and the answer already made is sent (not a dropped connection)."""
-    url = make_url(fresh_postgres())
-    proxy = Proxy((url.host or "127.0.0.1", url.port or 5432))
-    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    settings = make_settings(bundles, tmp_path / "data", database_url=through, index_sync_seconds=0)
+    proxy, settings = behind_a_proxy(bundles, tmp_path)
     try:
         with TestClient(create_app(settings)) as client:
             (entry,) = enroll(client, crop(people[0]))
