@@ -14,8 +14,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
+from sqlalchemy import exc as db_errors
 from sqlalchemy.engine import make_url
 
+from app.api.problems import database_problem
 from app.gallery import store
 from app.main import create_app
 from tests.service.helpers import crop, enroll, files, fresh_postgres, make_settings, sqlite_url
@@ -201,3 +203,31 @@ def test_database_lost_after_the_work_still_answers(bundles, tmp_path, people):
             assert client.get("/gallery").status_code == 200
     finally:
         proxy.cut()
+
+
+class _PgError(Exception):
+    """What psycopg raises: the SQLSTATE on the exception."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"sqlstate {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        # PostgreSQL out of disk (SQLSTATE 53100 disk_full): nothing was stored, say so
+        (db_errors.OperationalError("INSERT", {}, _PgError("53100")), 507),
+        # every pooled connection busy past the pool timeout
+        (db_errors.TimeoutError("QueuePool limit of size 10 overflow 20 reached"), 503),
+        (db_errors.OperationalError("SELECT 1", {}, _PgError("57P01")), 503),  # admin shutdown
+        # a bug, not the database being away: the 500 handler and a traceback
+        (db_errors.ProgrammingError("SELECT nope", {}, _PgError("42703")), None),
+        (db_errors.IntegrityError("INSERT", {}, _PgError("23505")), None),
+    ],
+)
+def test_database_errors_map_to_what_the_client_can_do(error, status):
+    found = database_problem(error)
+    assert (found[0] if found else None) == status
+    if status == 503:
+        assert "try again" in found[1]
