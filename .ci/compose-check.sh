@@ -62,5 +62,14 @@ assert urlsplit(s['api']['environment']['REID_DATABASE_URL']).password == 'from-
 assert s['db']['environment']['POSTGRES_PASSWORD'] == 'from-dot-env'
 "
 
+fresh -f docker-compose.milvus.yml config --format json | check "with docker-compose.milvus.yml" "
+e = s['api']['environment']
+assert e['REID_VECTOR_BACKEND'] == 'milvus' and e['REID_MILVUS_URI'] == 'http://milvus:19530', e
+assert s['api']['depends_on']['milvus']['condition'] == 'service_healthy'
+assert 'milvus' in s['api']['build']['args']['EXTRAS'].split(','), 'the image needs pymilvus'
+for name in ('milvus', 'milvus-etcd', 'milvus-minio'):
+    assert not s[name].get('ports'), name + ' must not be published'
+"
+
 echo "compose-check: docker-compose.yml is valid ($version): no .env needed, no password in the api's" \
   "environment unless one is set, database not published"

@@ -6,6 +6,7 @@ Models are loaded and the gallery index is built in the lifespan, never at impor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -26,6 +27,8 @@ from app import console
 from app.api import build_router, problems, reid
 from app.bundle import BundleError
 from app.gallery.gallery import Gallery
+from app.gallery.milvus_index import MISSING as MILVUS_MISSING
+from app.gallery.milvus_index import is_server_uri
 from app.gallery.reembed import ReembedJob
 from app.gallery.store import SchemaError, open_engine, stored_schema_version
 from app.inference import AttributeModel, Models, check_bundle
@@ -107,6 +110,9 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
             snapshot_dir=settings.snapshot_dir,
             exact_max=settings.exact_search_max,
             snapshot_seconds=settings.snapshot_seconds,
+            vector_backend=settings.vector_backend,
+            milvus_uri=settings.milvus,
+            milvus_token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
         )
     )
     job = ReembedJob(gallery, batch_size=settings.reembed_batch_size, max_pixels=settings.max_pixels)
@@ -304,6 +310,10 @@ def preflight(settings: Settings) -> str | None:
 
         if not torch.cuda.is_available():
             return f"REID_DEVICE is {settings.device} but torch sees no CUDA device; use REID_DEVICE=cpu"
+    if settings.vector_backend == "milvus":
+        needed = ["pymilvus"] + ([] if is_server_uri(settings.milvus) else ["milvus_lite"])
+        if any(importlib.util.find_spec(name) is None for name in needed):
+            return MILVUS_MISSING
     try:
         where = make_url(settings.database).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):

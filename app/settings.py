@@ -87,6 +87,20 @@ class Settings(BaseSettings):
         description="A collection up to this many entries is searched exactly; past it, approximately "
         "(HNSW). A filter admitting up to this many entries is always scored exactly.",
     )
+    vector_backend: Literal["faiss", "milvus"] = Field(
+        default="faiss",
+        description="Where the vectors are searched: 'faiss' (in this process, snapshots in "
+        "<data_dir>/index) or 'milvus' (Milvus Lite or a Milvus server at milvus_uri; the [milvus] extra).",
+    )
+    milvus_uri: str | None = Field(
+        default=None,
+        description="With vector_backend=milvus: a file path (Milvus Lite, embedded, one process per file) "
+        "or a server URL such as http://milvus:19530; default <data_dir>/milvus.db.",
+    )
+    milvus_token: SecretStr | None = Field(
+        default=None,
+        description="Milvus credentials ('user:password' or an API key) when the server requires them.",
+    )
     reembed_batch_size: int = Field(
         default=64,
         gt=0,
@@ -171,6 +185,14 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("milvus_uri", "milvus_token", mode="before")
+    @classmethod
+    def _unset_milvus(cls, value: object) -> object:
+        # Empty means unset (compose's ${VAR:-}).
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("database_password_file", mode="before")
     @classmethod
     def _unset_password_file(cls, value: object) -> object:
@@ -228,6 +250,11 @@ class Settings(BaseSettings):
     def snapshot_dir(self) -> Path | None:
         """Where the index snapshots live (None: snapshots are off)."""
         return self.data_dir / "index" if self.index_snapshots else None
+
+    @property
+    def milvus(self) -> str:
+        """The Milvus URI in use (Milvus Lite in ``data_dir`` unless ``milvus_uri`` is set)."""
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
 
     @property
     def database(self) -> str:

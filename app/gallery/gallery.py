@@ -1,4 +1,5 @@
-"""The gallery: enrollment, search and deletion over the database (truth) and the FAISS index (derived).
+"""The gallery: enrollment, search and deletion over the database (truth) and the index (derived:
+FAISS in the process, or Milvus, ``app.gallery.backends``).
 
 Guarantees, for every process that serves a database (replicas):
 
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -39,11 +40,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gallery import store
+from app.gallery.backends import build_index
 from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
 from app.retrieval import QE_ALPHA, expand_queries
+
+if TYPE_CHECKING:
+    from app.gallery.milvus_index import MilvusIndex
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,9 @@ class Gallery:
         exact_max: int = EXACT_MAX,
         snapshot_seconds: float = 3600.0,
         build_threads: int | None = None,
+        vector_backend: str = "faiss",
+        milvus_uri: str | None = None,
+        milvus_token: str | None = None,
     ) -> None:
         self.engine = engine
         self.store_images = store_images
@@ -155,20 +163,23 @@ class Gallery:
         self.search_threads = search_threads
         self.exact_max = exact_max
         self.build_threads = build_threads  # FAISS threads building an HNSW graph; None: every core
-        self.index = self._new_index()
+        # One snapshot folder, and one Milvus collection, per database and re-ID bundle: an index only
+        # ever meets the rows it came from.
+        url = make_url(str(engine.url)).render_as_string(hide_password=True)
+        self.database_key = hashlib.sha256(url.encode()).hexdigest()[:12]
+        self.vector_backend = vector_backend
+        self.milvus_uri, self.milvus_token = milvus_uri, milvus_token
+        self.index: GalleryIndex | MilvusIndex = self._new_index()
         self._write_lock = threading.Lock()
         # The change log's id that the index reflects, and the log ids of this process's own writes
         # (already in the index when the poll reaches them).
         self.position = 0
         self._own: set[int] = set()
-        self.started_from: Literal["snapshot", "rebuilt"] | None = None
+        self.started_from: Literal["snapshot", "rebuilt", "verified", "repaired"] | None = None
         self.snapshot_seconds = snapshot_seconds
         self.snapshot_dir = None
-        if snapshot_dir is not None:
-            # One folder per database and re-ID bundle: a snapshot only ever meets the rows it came from.
-            url = make_url(str(engine.url)).render_as_string(hide_password=True)
-            key = hashlib.sha256(url.encode()).hexdigest()[:12]
-            self.snapshot_dir = Path(snapshot_dir) / f"{models.reid.version}-{key}"
+        if snapshot_dir is not None and not self.index.persistent:  # (Milvus keeps its own rows)
+            self.snapshot_dir = Path(snapshot_dir) / f"{models.reid.version}-{self.database_key}"
         self._snapshot_at = (time.monotonic(), 0)  # when, at which position
         self._maintenance: threading.Thread | None = None
         spec = models.reid.manifest.query_expansion
@@ -197,6 +208,9 @@ class Gallery:
         exact_max: int = EXACT_MAX,
         snapshot_seconds: float = 3600.0,
         build_threads: int | None = None,
+        vector_backend: str = "faiss",
+        milvus_uri: str | None = None,
+        milvus_token: str | None = None,
     ) -> Gallery:
         """Connect, create or migrate the schema, and load the index (``start``)."""
         engine = store.open_engine(url)
@@ -212,8 +226,16 @@ class Gallery:
             exact_max=exact_max,
             snapshot_seconds=snapshot_seconds,
             build_threads=build_threads,
+            vector_backend=vector_backend,
+            milvus_uri=milvus_uri,
+            milvus_token=milvus_token,
         )
-        gallery.start()
+        try:
+            gallery.start()
+        except BaseException:
+            gallery.index.close()
+            engine.dispose()
+            raise
         return gallery
 
     def close(self) -> None:
@@ -228,14 +250,22 @@ class Gallery:
                     self.save_snapshot()
         except Exception:  # a full disk must not stop the shutdown; the next start rebuilds
             log.exception("could not write the index snapshot")
+        self.index.close()
         self.engine.dispose()
 
-    def _new_index(self) -> GalleryIndex:
-        return GalleryIndex(
+    def _new_index(self) -> GalleryIndex | MilvusIndex:
+        """An index of the configured backend (``app.gallery.backends``)."""
+        from app.gallery.milvus_index import collection_name
+
+        return build_index(
+            self.vector_backend,
             self.models.reid.dim,
             threads=self.search_threads,
             exact_max=self.exact_max,
             build_threads=self.build_threads,
+            uri=self.milvus_uri,
+            token=self.milvus_token,
+            name=collection_name(self.model_version, self.database_key),
         )
 
     @property
@@ -245,8 +275,11 @@ class Gallery:
     def rebuild(self) -> int:
         """Replace the index with one built from every searchable row; returns its size."""
         start = time.perf_counter()
-        index = self._new_index()
+        persistent = self.index.persistent
+        index = self.index if persistent else self._new_index()
         with self._write_lock:
+            if persistent:  # (Milvus: emptied and refilled in place)
+                index.clear()
             with self.sessions() as session:
                 # The position first: changes committed after it are applied again by the catch-up
                 # below, which reads their current rows (applying a change twice changes nothing).
@@ -266,7 +299,10 @@ class Gallery:
     def start(self) -> str:
         """Load the index from its snapshot, catch it up from the change log and check it against the
         database (count and id sum per collection); rebuild it when there is no usable snapshot or it
-        disagrees. Returns how it started: 'snapshot' or 'rebuilt'."""
+        disagrees. Returns how it started: 'snapshot' or 'rebuilt' (for Milvus: 'verified', see
+        ``start_persistent``)."""
+        if self.index.persistent:
+            return self.start_persistent()
         start = time.perf_counter()
         if self.snapshot_dir is not None and (self.snapshot_dir / "manifest.json").exists():
             try:
@@ -308,6 +344,70 @@ class Gallery:
             except OSError as exc:
                 log.warning("could not write the index snapshot to %s: %s", self.snapshot_dir, exc)
         return self.started_from
+
+    def start_persistent(self, attempts: int = 3) -> str:
+        """Start on an index that keeps its rows itself (Milvus): read the ids it holds, compare them
+        with the database's searchable rows per collection, add the missing ones (from their stored
+        embeddings) and remove the extra ones, catch up from the change log and verify (Milvus's own
+        row count too). Replicas writing meanwhile can make the check fail once: it is repeated up to
+        ``attempts`` times. Returns 'verified' (nothing to repair), 'repaired', or 'rebuilt' (still
+        disagreeing: emptied and refilled from the database)."""
+        start = time.perf_counter()
+        added = removed = caught_up = 0
+        for _ in range(attempts):
+            missing, extra = self._repair_persistent()
+            added, removed = added + missing, removed + extra
+            caught_up += self.catch_up()
+            if self.index.stored_count() == len(self.index) and self.verify():
+                self.started_from = "repaired" if added or removed else "verified"
+                break
+        else:
+            log.warning("%s disagrees with the database after repairing: refilling it", self.vector_backend)
+            self.rebuild()
+            self.started_from = "rebuilt"
+        log.info(
+            "gallery index on %s: %d entries, %d added and %d removed to match the database, %d changes "
+            "caught up, in %.2fs",
+            self.vector_backend,
+            len(self.index),
+            added,
+            removed,
+            caught_up,
+            time.perf_counter() - start,
+        )
+        return self.started_from
+
+    def _repair_persistent(self, batch: int = 5000) -> tuple[int, int]:
+        """Make the index hold the database's searchable ids, read at a change-log position that
+        ``position`` is then set to (the catch-up re-applies what was committed after it). Returns how
+        many ids were (missing, extra)."""
+        version, dim = self.model_version, self.models.reid.dim
+        with self._write_lock:
+            with self.sessions() as session:
+                position = store.change_position(session)  # first: later changes are caught up
+                names = set(store.searchable_fingerprints(session, model_version=version))
+                wanted = {
+                    c: store.searchable_ids(session, collection=c, model_version=version) for c in names
+                }
+            self.index.reload()
+            held = {c: self.index.ids(c) for c in self.index.sizes()}
+            none = [np.empty(0, np.int64)]
+            missing = np.concatenate(
+                [np.setdiff1d(ids, held.get(c, []), assume_unique=True) for c, ids in wanted.items()] or none
+            )
+            extra = np.concatenate(
+                [np.setdiff1d(ids, wanted.get(c, []), assume_unique=True) for c, ids in held.items()] or none
+            )
+            self.index.remove(extra)
+            for first in range(0, len(missing), batch):
+                with self.sessions() as session:
+                    chunk = missing[first : first + batch].tolist()
+                    rows = store.current_embeddings(session, ids=chunk, model_version=version, dim=dim)
+                fields = {"cameras": rows.cameras, "times": rows.times}
+                self.index.add(rows.ids, rows.collections, rows.vectors, **fields)
+            self.position = position
+            self._own.clear()
+        return len(missing), len(extra)
 
     def verify(self, attempts: int = 5) -> bool:
         """Whether the index holds exactly the searchable rows (count and id sum per collection), read

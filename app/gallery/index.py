@@ -160,6 +160,11 @@ class GalleryIndex:
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
+    persistent = False  # rebuilt or loaded from a snapshot at every start (Milvus keeps its rows itself)
+
+    def close(self) -> None:
+        """Nothing to release (the Milvus index's closes its connection)."""
+
     def __len__(self) -> int:
         with self._lock:
             return sum(c.live for c in self._collections.values())

@@ -8,6 +8,7 @@ unless made with ``onnx=False`` (the torch fallback).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -170,6 +171,19 @@ def query(client, blob: bytes, **data) -> list[dict]:
 
 
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+MILVUS_MISSING = any(importlib.util.find_spec(name) is None for name in ("pymilvus", "milvus_lite"))
+NEEDS_MILVUS = pytest.mark.skipif(MILVUS_MISSING, reason="pymilvus or milvus-lite not installed")
+# The vector backends of the gallery tests parametrised over them: Milvus through Milvus Lite, a file.
+BACKENDS = ["faiss", pytest.param("milvus", marks=NEEDS_MILVUS)]
+
+
+def backend_settings(backend: str, directory: Path) -> dict[str, str]:
+    """Settings overrides for ``backend``: Milvus Lite in a file of ``directory``."""
+    if backend == "faiss":
+        return {"vector_backend": "faiss"}
+    return {"vector_backend": backend, "milvus_uri": str(directory / "milvus.db")}
 
 
 def database_for(kind: str, directory: Path) -> str:

@@ -1,12 +1,21 @@
 """Gallery writes through HTTP: idempotency, deletes, persistence, bundle versions; on SQLite and
-(when REID_TEST_POSTGRES_URL is set) PostgreSQL."""
+(when REID_TEST_POSTGRES_URL is set) PostgreSQL, and on both vector backends (FAISS, Milvus Lite)."""
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.service.helpers import crop, enroll, files, make_settings, query
+from app.settings import Settings
+from tests.service.helpers import BACKENDS, backend_settings, crop, enroll, files, make_settings, query
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request, bundles, database_url, tmp_path) -> Settings:
+    """Each test here runs on both vector backends (FAISS in the process, Milvus Lite in a file)."""
+    overrides = backend_settings(request.param, tmp_path)
+    return make_settings(bundles, tmp_path / "data", database_url=database_url, **overrides)
 
 
 def test_reenrolling_the_same_bytes_is_idempotent_per_collection(client, people):

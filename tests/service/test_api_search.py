@@ -11,8 +11,10 @@ from fastapi.testclient import TestClient
 from app.api.bodies import QueryResponse
 from app.main import create_app
 from tests.service.helpers import (
+    BACKENDS,
     DATABASES,
     MATCH_THRESHOLD,
+    backend_settings,
     crop,
     database_for,
     enroll,
@@ -25,11 +27,18 @@ from tests.service.helpers import (
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module", params=DATABASES)
-def gallery(request, bundles, people, tmp_path_factory):
-    """12 people x 2 cameras, each at its own minute after T0: (client, entry by (pid, cam))."""
+def gallery(request, backend, bundles, people, tmp_path_factory):
+    """12 people x 2 cameras, each at its own minute after T0: (client, entry by (pid, cam)); on each
+    database and each vector backend."""
     tmp = tmp_path_factory.mktemp("search")
-    settings = make_settings(bundles, tmp / "data", database_url=database_for(request.param, tmp))
+    url = database_for(request.param, tmp)
+    settings = make_settings(bundles, tmp / "data", database_url=url, **backend_settings(backend, tmp))
     with TestClient(create_app(settings)) as client:
         entries = {}
         for n, person in enumerate(people[:12]):
