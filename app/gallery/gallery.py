@@ -195,41 +195,12 @@ class Gallery:
             )
 
     @classmethod
-    def open(
-        cls,
-        url: str,
-        models: Models,
-        *,
-        metrics: ServiceMetrics | None = None,
-        search_threads: int = 1,
-        query_expansion: int | None = None,
-        store_images: bool = True,
-        snapshot_dir: Path | None = None,
-        exact_max: int = EXACT_MAX,
-        snapshot_seconds: float = 3600.0,
-        build_threads: int | None = None,
-        vector_backend: str = "faiss",
-        milvus_uri: str | None = None,
-        milvus_token: str | None = None,
-    ) -> Gallery:
-        """Connect, create or migrate the schema, and load the index (``start``)."""
+    def open(cls, url: str, models: Models, **options: Any) -> Gallery:
+        """Connect, create or migrate the schema, and load the index (``start``); ``options`` are the
+        constructor's keyword arguments."""
         engine = store.open_engine(url)
         store.prepare_schema(engine)
-        gallery = cls(
-            engine,
-            models,
-            metrics=metrics,
-            search_threads=search_threads,
-            query_expansion=query_expansion,
-            store_images=store_images,
-            snapshot_dir=snapshot_dir,
-            exact_max=exact_max,
-            snapshot_seconds=snapshot_seconds,
-            build_threads=build_threads,
-            vector_backend=vector_backend,
-            milvus_uri=milvus_uri,
-            milvus_token=milvus_token,
-        )
+        gallery = cls(engine, models, **options)
         try:
             gallery.start()
         except BaseException:
