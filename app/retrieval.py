@@ -25,7 +25,8 @@ def expand_queries(
     of negative similarity gets weight 0; with K = 0 the queries come back unchanged (normalised).
     """
     queries = np.asarray(queries, dtype=np.float32)
-    weights = np.clip(np.asarray(similarities, dtype=np.float32), 0, None) ** alpha
+    sims = np.asarray(similarities, dtype=np.float32)
+    weights = np.where(sims > 0, np.clip(sims, 0, None) ** alpha, 0.0).astype(np.float32)
     expanded = queries + np.einsum("qk,qkd->qd", weights, np.asarray(neighbours, dtype=np.float32))
     norms = np.linalg.norm(expanded, axis=1, keepdims=True)
     return expanded / np.maximum(norms, 1e-12)

@@ -17,6 +17,9 @@ def test_weights_are_similarity_to_the_alpha():
     out = expand_queries(q, neighbours, np.array([[0.5, -0.2]]), alpha=3.0)
     np.testing.assert_allclose(out, unit(np.array([[1.0, 0.125]])), atol=1e-6)  # negative: weight 0
     assert np.allclose(expand_against(q, np.zeros((0, 2)), k=5), q)
+    # alpha 0 is a plain average of the neighbours that are similar at all: still none of the negative
+    out = expand_queries(q, neighbours, np.array([[0.5, -0.2]]), alpha=0.0)
+    np.testing.assert_allclose(out, unit(np.array([[1.0, 1.0]])), atol=1e-6)
 
 
 def test_expansion_moves_a_hard_query_closer_to_its_identity():

@@ -666,8 +666,11 @@ class Gallery:
             neighbours, threshold = self.query_settings(expand)
             if neighbours:
                 sims, near = self.index.search(collection, vector, neighbours, allowed=allowed, where=where)
-                if len(near):
-                    stacked = self.index.vectors(collection, near)
+                try:
+                    stacked = self.index.vectors(collection, near) if len(near) else None
+                except KeyError:  # a neighbour deleted since the search: rank with the plain query
+                    stacked = None
+                if stacked is not None:
                     vector = expand_queries(
                         vector[None], stacked[None], sims[None], alpha=self.expansion_alpha
                     )[0]
@@ -798,8 +801,13 @@ class Gallery:
         applied = self.catch_up()
         if applied:
             log.info("index caught up with the change log: %d entries added, replaced or removed", applied)
-        since = time.monotonic() - self._snapshot_at[0]
-        due = self.snapshot_dir is not None and since >= self.snapshot_seconds
+        when, position = self._snapshot_at
+        # Due once it is old and out of date: an idle service starts no maintenance thread each second.
+        due = (
+            self.snapshot_dir is not None
+            and time.monotonic() - when >= self.snapshot_seconds
+            and position != self.position
+        )
         if due or self.index.needs_maintenance():
             self._maintain_in_background()
         return applied

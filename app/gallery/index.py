@@ -289,10 +289,14 @@ class GalleryIndex:
         return {name: value for name, value in sums.items() if value[0]}
 
     def vectors(self, collection: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored vectors of ``ids`` (which must be in ``collection``), in that order."""
+        """The stored vectors of ``ids`` (which must be in ``collection``), in that order; ``KeyError``
+        if one was removed (e.g. between a search and this call)."""
         with self._lock:
             c = self._collections[collection]
-            return c.vectors()[self._row_of[np.asarray(ids, dtype=np.int64)]].copy()
+            rows = self._row_of[np.asarray(ids, dtype=np.int64)]
+            if (rows < 0).any():
+                raise KeyError(f"entries {np.asarray(ids)[rows < 0].tolist()} are no longer in the index")
+            return c.vectors()[rows].copy()
 
     def select(self, collection: str, filters: Any) -> np.ndarray:
         """Ids of the entries of ``collection`` that meet ``filters`` (a ``store.SearchFilters`` without
@@ -492,15 +496,15 @@ class GalleryIndex:
         temporary = folder / f"manifest.{generation}.tmp"
         temporary.write_text(json.dumps(manifest))
         os.replace(temporary, folder / "manifest.json")
-        # Older generations go: this process's at once, others' (replicas sharing the folder may be
-        # writing or reading theirs) once they are ten minutes old.
+        # Older generations go once they are ten minutes old, this process's too: a replica sharing the
+        # folder may be loading the generation the manifest named until a moment ago.
         keep = {entry["stem"] for entry in collections}
         for path in folder.iterdir():
             stem = path.name.split(".")[0]
             if path.name == "manifest.json" or stem in keep:
                 continue
             try:
-                if stem.startswith(mine) or time.time() - path.stat().st_mtime > 600:
+                if time.time() - path.stat().st_mtime > 600:
                     path.unlink(missing_ok=True)
             except OSError:
                 pass

@@ -256,7 +256,8 @@ class MilvusIndex:
     # -- reads --------------------------------------------------------------------------------------
 
     def vectors(self, collection: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored vectors of ``ids`` (which must be in ``collection``), in that order."""
+        """The stored vectors of ``ids`` (which must be in ``collection``), in that order; ``KeyError``
+        if one was removed."""
         ids = [int(i) for i in np.asarray(ids, dtype=np.int64)]
         if not ids:
             return np.empty((0, self.dim), np.float32)

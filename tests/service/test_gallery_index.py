@@ -7,6 +7,9 @@ exactly its best matches.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -91,6 +94,10 @@ def test_removed_and_replaced_entries_leave_the_graph_and_compaction_keeps_the_r
     assert index.remove(best[:2]) == 2
     _, after = index.search("a", query, 5)
     assert not set(best[:2].tolist()) & set(after.tolist())
+    # A removed entry's vector is not handed out (query expansion asks for its neighbours' vectors)
+    with pytest.raises(KeyError, match="no longer in the index"):
+        index.vectors("a", best[:3])
+    np.testing.assert_allclose(index.vectors("a", best[2:3]), x[best[2] - 1][None], atol=1e-6)
     # A replaced vector is found by its new value, never twice.
     index.add(best[2:3], ["a"], -query[None])
     _, again = index.search("a", query, 50)
@@ -145,12 +152,19 @@ def test_a_snapshot_loads_back_the_same_index(tmp_path, large):
     assert loaded.kinds() == {"street": "hnsw"}
     for query in q[:5]:
         assert loaded.search("street", query, 10)[1].tolist() == index.search("street", query, 10)[1].tolist()
-    # A second save replaces the files of the first.
+    # A second save names its own files; the first's stay for a replica that may be loading them, until
+    # they are ten minutes old.
     loaded.remove(ids[:5])
     loaded.save(tmp_path, {"position": 43})
-    assert len(list(tmp_path.glob("*.faiss"))) == 1
+    assert len(list(tmp_path.glob("*.faiss"))) == 2
     again, manifest = GalleryIndex.load(tmp_path, DIM)
     assert manifest["position"] == 43 and len(again) == len(ids) - 5
+    old = time.time() - 601
+    for path in tmp_path.iterdir():
+        os.utime(path, (old, old))
+    again.save(tmp_path, {"position": 44})
+    assert len(list(tmp_path.glob("*.faiss"))) == 1
+    assert GalleryIndex.load(tmp_path, DIM)[1]["position"] == 44
     with pytest.raises(ValueError, match="64-d"):
         GalleryIndex.load(tmp_path, 32)
 
