@@ -103,24 +103,23 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
-    def peak_rss_mib(self) -> float | None:
-        """The server's peak resident memory so far (VmHWM), MiB."""
+    def _status_mib(self, key: str) -> float | None:
+        """A memory line of the server's /proc status (``VmHWM``, ``VmRSS``), MiB; None once it is gone."""
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
         except (OSError, AssertionError):
             pass
         return None
 
+    def peak_rss_mib(self) -> float | None:
+        """The server's peak resident memory so far (VmHWM), MiB."""
+        return self._status_mib("VmHWM")
+
     def rss_mib(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except (OSError, AssertionError):
-            pass
-        return None
+        """The server's resident memory now (VmRSS), MiB."""
+        return self._status_mib("VmRSS")
 
     def kill(self) -> None:
         """SIGKILL, no shutdown at all."""
