@@ -391,7 +391,9 @@ class Gallery:
                     session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
                 position = store.change_position(session)
                 wanted = store.searchable_fingerprints(session, model_version=version)
-                if position == self.position:
+                # SQLite reads the two in separate statements: a write between them is another round
+                settled = store.change_position(session) == position
+                if position == self.position and settled:
                     return wanted == self.index.fingerprints()
             self.catch_up()
         return False
