@@ -148,6 +148,17 @@ async def _server_error(request: Request, exc: Exception) -> ProblemResponse:
     return problem(request, 500, "internal error; the service log has the details")
 
 
+_SQLITE_UNAVAILABLE = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+}
+
+
 def _disk_full(error: BaseException | None) -> bool:
     """The database says its storage is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full (53100)."""
     if isinstance(error, sqlite3.Error):
@@ -164,6 +175,10 @@ def database_problem(exc: BaseException) -> tuple[int, str] | None:
         return 507, "the gallery's storage is full, so nothing was stored; free space for the database"
     if isinstance(exc, db_errors.TimeoutError | db_errors.DisconnectionError):
         unavailable = True
+    elif isinstance(getattr(exc, "orig", None), sqlite3.Error):
+        # SQLite raises OperationalError for bugs too (no such table): only these codes mean "not now"
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        unavailable = code is None or code & 0xFF in _SQLITE_UNAVAILABLE
     else:
         unavailable = isinstance(exc, db_errors.OperationalError | db_errors.InterfaceError) or bool(
             getattr(exc, "connection_invalidated", False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import threading
 import time
 
@@ -213,6 +214,12 @@ class _PgError(Exception):
         self.sqlstate = sqlstate
 
 
+def _sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorcode = code
+    return error
+
+
 @pytest.mark.parametrize(
     ("error", "status"),
     [
@@ -221,7 +228,10 @@ class _PgError(Exception):
         # every pooled connection busy past the pool timeout
         (db_errors.TimeoutError("QueuePool limit of size 10 overflow 20 reached"), 503),
         (db_errors.OperationalError("SELECT 1", {}, _PgError("57P01")), 503),  # admin shutdown
+        (db_errors.OperationalError("INSERT", {}, _sqlite_error("database is locked", 5)), 503),  # BUSY
+        (db_errors.OperationalError("INSERT", {}, _sqlite_error("disk I/O error", 778)), 503),  # IOERR_WRITE
         # a bug, not the database being away: the 500 handler and a traceback
+        (db_errors.OperationalError("SELECT", {}, _sqlite_error("no such table: nope", 1)), None),
         (db_errors.ProgrammingError("SELECT nope", {}, _PgError("42703")), None),
         (db_errors.IntegrityError("INSERT", {}, _PgError("23505")), None),
     ],
