@@ -13,7 +13,7 @@ import io
 import os
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import nn
 
 from app.attribute_schema import schema_as_dict
 from app.bundle import EmbeddingSpec, Manifest
+from app.gallery import store
 from app.gallery.store import drop_schema
 from app.nets.attributes import AttributeNet, AttributeNetConfig
 from app.nets.bundles import save_bundle
@@ -211,3 +212,22 @@ def wait_ready(process: subprocess.Popen[str], base: str, timeout: float = 90.0)
             pass
         assert time.monotonic() < deadline, "reid-serve did not become ready"
         time.sleep(0.3)
+
+
+# Camera and time filters (quotes and a backslash in a camera name, NULLs, a naive time, time zones) that
+# an index must answer exactly as store.matching_ids does; entries are enrolled with camera i % 3 and
+# time i % 4 of these lists.
+FILTER_CAMERAS = [None, "gate", 'hall "B"\\2']
+FILTER_TIMES = [None, "2026-03-01T08:00:00Z", "2026-03-01T10:00:00.250000+02:00", "2026-03-02T00:00:00Z"]
+FILTER_CASES = [
+    store.SearchFilters(cameras=("gate",)),
+    store.SearchFilters(cameras=('hall "B"\\2', "nowhere")),
+    store.SearchFilters(exclude_cameras=("gate",)),
+    store.SearchFilters(captured_after=datetime(2026, 3, 1, 8, tzinfo=UTC)),
+    store.SearchFilters(captured_before=datetime(2026, 3, 1, 8, 0, 0, 250000)),  # naive: UTC
+    store.SearchFilters(
+        cameras=('hall "B"\\2',),
+        captured_after=datetime(2026, 3, 1, 8, 0, 0, 250000),
+        captured_before=datetime(2026, 3, 2, tzinfo=UTC),
+    ),
+]

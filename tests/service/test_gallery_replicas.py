@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from app.gallery import store
 from app.main import create_app
-from tests.service.helpers import crop, enroll, make_settings, query
+from tests.service.helpers import (
+    FILTER_CAMERAS,
+    FILTER_CASES,
+    FILTER_TIMES,
+    crop,
+    enroll,
+    make_settings,
+    query,
+)
 
 
 def snapshot_manifests(data_dir) -> list:
@@ -119,25 +126,11 @@ def test_camera_and_time_filters_from_the_index_admit_what_the_database_does(
     """The index answers camera and time filters from the fields it holds per row (``select``): the same
     ids as the database's query, as enrolled, after a restart from the snapshot, and after a rebuild."""
     settings = make_settings(bundles, tmp_path / "data", database_url=database_url)
-    cameras = [None, "gate", "hall"]
-    times = [None, "2026-03-01T08:00:00Z", "2026-03-01T10:00:00.250000+02:00", "2026-03-02T00:00:00Z"]
-    filters = [
-        store.SearchFilters(cameras=("gate",)),
-        store.SearchFilters(cameras=("gate", "nowhere")),
-        store.SearchFilters(exclude_cameras=("gate",)),
-        store.SearchFilters(captured_after=datetime(2026, 3, 1, 8, tzinfo=UTC)),
-        store.SearchFilters(captured_before=datetime(2026, 3, 1, 8, 0, 0, 250000)),  # naive: UTC
-        store.SearchFilters(
-            cameras=("hall",),
-            captured_after=datetime(2026, 3, 1, 8, 0, 0, 250000),
-            captured_before=datetime(2026, 3, 2, tzinfo=UTC),
-        ),
-    ]
 
     def agree(client: TestClient) -> None:
         gallery = client.app.state.gallery
         with gallery.sessions() as session:
-            for f in filters:
+            for f in FILTER_CASES:
                 wanted = store.matching_ids(
                     session, collection="default", model_version=gallery.model_version, filters=f
                 )
@@ -145,9 +138,9 @@ def test_camera_and_time_filters_from_the_index_admit_what_the_database_does(
 
     with TestClient(create_app(settings)) as client:
         for i, person in enumerate(people[:12]):
-            fields = {"camera_id": cameras[i % 3]} if cameras[i % 3] else {}
-            if times[i % 4]:
-                fields["captured_at"] = times[i % 4]
+            fields = {"camera_id": FILTER_CAMERAS[i % 3]} if FILTER_CAMERAS[i % 3] else {}
+            if FILTER_TIMES[i % 4]:
+                fields["captured_at"] = FILTER_TIMES[i % 4]
             enroll(client, crop(person), **fields)
         agree(client)
     with TestClient(create_app(settings)) as client:

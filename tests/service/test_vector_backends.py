@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,9 @@ from app.gallery.milvus_index import MISSING, filter_expression, is_server_uri
 from app.main import create_app, preflight
 from tests.service.helpers import (
     BACKENDS,
+    FILTER_CAMERAS,
+    FILTER_CASES,
+    FILTER_TIMES,
     NEEDS_MILVUS,
     backend_settings,
     crop,
@@ -34,20 +36,6 @@ from tests.service.helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CAMERAS = [None, "gate", 'hall "B"\\2']
-TIMES = [None, "2026-03-01T08:00:00Z", "2026-03-01T10:00:00.250000+02:00", "2026-03-02T00:00:00Z"]
-FILTERS = [
-    store.SearchFilters(cameras=("gate",)),
-    store.SearchFilters(cameras=('hall "B"\\2', "nowhere")),
-    store.SearchFilters(exclude_cameras=("gate",)),
-    store.SearchFilters(captured_after=datetime(2026, 3, 1, 8, tzinfo=UTC)),
-    store.SearchFilters(captured_before=datetime(2026, 3, 1, 8, 0, 0, 250000)),  # naive: UTC
-    store.SearchFilters(
-        cameras=('hall "B"\\2',),
-        captured_after=datetime(2026, 3, 1, 8, 0, 0, 250000),
-        captured_before=datetime(2026, 3, 2, tzinfo=UTC),
-    ),
-]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,13 +46,13 @@ def test_camera_and_time_filters_admit_what_the_database_does(
     settings = make_settings(bundles, tmp_path / "data", database_url=database_url, **overrides)
     with TestClient(create_app(settings)) as client:
         for i, person in enumerate(people[:12]):
-            fields = {"camera_id": CAMERAS[i % 3]} if CAMERAS[i % 3] else {}
-            if TIMES[i % 4]:
-                fields["captured_at"] = TIMES[i % 4]
+            fields = {"camera_id": FILTER_CAMERAS[i % 3]} if FILTER_CAMERAS[i % 3] else {}
+            if FILTER_TIMES[i % 4]:
+                fields["captured_at"] = FILTER_TIMES[i % 4]
             enroll(client, crop(person), **fields)
         gallery = client.app.state.gallery
         version = gallery.model_version
-        for f in FILTERS:
+        for f in FILTER_CASES:
             with gallery.sessions() as session:
                 wanted = store.matching_ids(session, collection="default", model_version=version, filters=f)
             assert len(wanted), f  # (each filter admits some and leaves some out)
