@@ -110,6 +110,7 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
             snapshot_dir=settings.snapshot_dir,
             exact_max=settings.exact_search_max,
             snapshot_seconds=settings.snapshot_seconds,
+            change_log_days=settings.change_log_days,
             vector_backend=settings.vector_backend,
             milvus_uri=settings.milvus,
             milvus_token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,

@@ -56,6 +56,16 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.index_write_failures = Counter(
+            "reid_gallery_index_write_failures",
+            "Committed changes the vector index refused at first (applied later from the change log).",
+            registry=self.registry,
+        )
+        self.change_log_gaps = Counter(
+            "reid_gallery_change_log_gaps",
+            "Times this replica found change-log rows it had not read pruned, and rebuilt its index.",
+            registry=self.registry,
+        )
 
         self.model_info = Gauge(
             "reid_model_info",

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="At most this often the index snapshot is written again while the service runs "
         "(also after a rebuild and at shutdown); searches wait while it is written.",
     )
+    change_log_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="The change log's rows are kept this many days, then pruned (0: kept for ever). A "
+        "replica or snapshot that is older than that rebuilds its index from the database at start.",
+    )
     exact_search_max: int = Field(
         default=20_000,
         gt=0,

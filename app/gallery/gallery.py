@@ -26,9 +26,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from app.gallery.milvus_index import MilvusIndex
 
 log = logging.getLogger(__name__)
+PRUNE_SECONDS = 3600.0  # how often a replica prunes the change log
 
 GroupBy = Literal["entry", "identity"]
 EnrollStatus = Literal["created", "existing", "refreshed"]
@@ -154,6 +155,7 @@ class Gallery:
         vector_backend: str = "faiss",
         milvus_uri: str | None = None,
         milvus_token: str | None = None,
+        change_log_days: float = 7.0,
     ) -> None:
         self.engine = engine
         self.store_images = store_images
@@ -176,6 +178,9 @@ class Gallery:
         self.position = 0
         self._own: set[int] = set()
         self.started_from: Literal["snapshot", "rebuilt", "verified", "repaired"] | None = None
+        self.change_log_days = change_log_days  # its rows are kept this long (0: for ever)
+        self._pruned_at: float | None = None  # when this process last pruned it
+        self.gap_rebuilds = 0  # rebuilds because the log had been pruned past the index's position
         self.snapshot_seconds = snapshot_seconds
         self.snapshot_dir = None
         if snapshot_dir is not None and not self.index.persistent:  # (Milvus keeps its own rows)
@@ -249,8 +254,11 @@ class Gallery:
         persistent = self.index.persistent
         index = self.index if persistent else self._new_index()
         with self._write_lock:
-            if persistent:  # (Milvus: emptied and refilled in place)
-                index.clear()
+            # Milvus is refilled in place and shared with the other replicas, which go on searching it:
+            # every row is written again (an upsert), and only then are the ids it held before that the
+            # database no longer has removed. Ids another replica adds meanwhile are not among those.
+            before = self._held_ids() if persistent else np.empty(0, np.int64)
+            written = []
             with self.sessions() as session:
                 # The position first: changes committed after it are applied again by the catch-up
                 # below, which reads their current rows (applying a change twice changes nothing).
@@ -258,12 +266,20 @@ class Gallery:
                 for rows in store.iter_embeddings(session, model_version=self.model_version, dim=index.dim):
                     fields = {"cameras": rows.cameras, "times": rows.times}
                     index.add(rows.ids, rows.collections, rows.vectors, **fields)
+                    written.append(rows.ids)
+            if persistent:
+                index.remove(np.setdiff1d(before, np.concatenate([np.empty(0, np.int64), *written])))
             index.maintain()  # large collections get their HNSW graph
             self.index, self.position = index, position
             self._own.clear()
         log.info("gallery index built: %d entries in %.2fs", len(index), time.perf_counter() - start)
         self.catch_up()
         return len(index)
+
+    def _held_ids(self) -> np.ndarray:
+        """Every id the (persistent) index holds now, read again from it."""
+        self.index.reload()
+        return np.concatenate([np.empty(0, np.int64), *(self.index.ids(c) for c in self.index.sizes())])
 
     # -- start-up, snapshots and the change log -----------------------------------------------------
 
@@ -289,24 +305,29 @@ class Gallery:
             except Exception as exc:
                 log.warning("index snapshot in %s unusable (%s): rebuilding", self.snapshot_dir, exc)
             else:
-                with self._write_lock:
-                    self.index, self.position = index, int(manifest["position"])
-                    self._own.clear()
-                self._snapshot_at = (time.monotonic(), self.position)
-                caught_up = self.catch_up()
-                if self.verify():
-                    self.started_from = "snapshot"
-                    log.info(
-                        "gallery index loaded from its snapshot at change %d and caught up (%d changes): "
-                        "%d entries in %.2fs",
-                        manifest["position"],
-                        caught_up,
-                        len(self.index),
-                        time.perf_counter() - start,
-                    )
-                    self._maintain_in_background()
-                    return self.started_from
-                log.warning("index snapshot disagrees with the database after catching up: rebuilding")
+                with self.sessions() as session:
+                    stale = store.pruned_after(session, position=int(manifest["position"]))
+                if stale:
+                    log.warning("index snapshot older than the change log's retention: rebuilding")
+                else:
+                    with self._write_lock:
+                        self.index, self.position = index, int(manifest["position"])
+                        self._own.clear()
+                    self._snapshot_at = (time.monotonic(), self.position)
+                    caught_up = self.catch_up()
+                    if self.verify():
+                        self.started_from = "snapshot"
+                        log.info(
+                            "gallery index loaded from its snapshot at change %d and caught up (%d "
+                            "changes): %d entries in %.2fs",
+                            manifest["position"],
+                            caught_up,
+                            len(self.index),
+                            time.perf_counter() - start,
+                        )
+                        self._maintain_in_background()
+                        return self.started_from
+                    log.warning("index snapshot disagrees with the database after catching up: rebuilding")
         self.rebuild()
         self.started_from = "rebuilt"
         if self.snapshot_dir is not None:
@@ -400,7 +421,25 @@ class Gallery:
 
     def catch_up(self, batch: int = 5000) -> int:
         """Apply the change log after ``position`` to the index: each entry named there is read as it is
-        now, and added (or replaced) when searchable, removed otherwise. Returns how many were applied."""
+        now, and added (or replaced) when searchable, removed otherwise. Returns how many were applied.
+
+        When changes after ``position`` were pruned from the log (a snapshot, or a replica, older than
+        the log's retention) the index cannot be caught up: it is rebuilt from the database."""
+        applied, gap = self._apply_changes(batch)
+        if gap:
+            log.warning(
+                "the change log no longer holds the changes after position %d (pruned): rebuilding the "
+                "index from the database",
+                self.position,
+            )
+            self.gap_rebuilds += 1
+            if self.metrics is not None:
+                self.metrics.change_log_gaps.inc()
+            applied += self.rebuild()
+        return applied
+
+    def _apply_changes(self, batch: int) -> tuple[int, bool]:
+        """``catch_up``'s work: (entries applied, whether the log has a gap after ``position``)."""
         version, dim = self.model_version, self.models.reid.dim
         applied = 0
         with self._write_lock, self.sessions() as session:
@@ -408,6 +447,8 @@ class Gallery:
                 changes = store.changes_after(session, position=self.position, limit=batch)
                 if not changes:
                     break
+                if changes[0][0] > self.position + 1 and store.pruned_after(session, position=self.position):
+                    return applied, True
                 ids = sorted({entry for log_id, entry in changes if log_id not in self._own})
                 self._own.difference_update(log_id for log_id, _ in changes)
                 if ids:
@@ -420,10 +461,45 @@ class Gallery:
                 self.position = changes[-1][0]
                 if len(changes) < batch:
                     break
-        return applied
+        return applied, False
+
+    def prune_change_log(self) -> int:
+        """Delete the change log's rows older than ``change_log_days`` (none when it is 0); returns how
+        many. Any replica may run it: every one keeps its position current within seconds, and one
+        that was away longer than that (or a snapshot that old) rebuilds its index (``catch_up``)."""
+        if not self.change_log_days:
+            return 0
+        before = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=self.change_log_days)
+        pruned, batch = 0, 50_000
+        while True:  # short transactions: writers wait on the log's lock for one batch at most
+            with self.sessions.begin() as session:
+                done = store.prune_changes(session, before=before, limit=batch)
+            pruned += done
+            if done < batch:
+                break
+        self._pruned_at = time.monotonic()
+        if pruned:
+            log.info("change log: %d changes older than %g days pruned", pruned, self.change_log_days)
+        return pruned
 
     def _logged(self, session: Session, ids: Sequence[int], kind: str) -> list[int]:
         return store.log_changes(session, entry_ids=ids, kind=kind)
+
+    def _index_write(self, log_ids: Sequence[int], write: Callable[[], None]) -> None:
+        """Apply a committed change to the index (under the write lock). The database holds it, so an
+        index that refuses it (Milvus away, memory short) fails no request: the change stays unapplied
+        in the log, and the poll (``sync_index``) applies it once the index takes writes again."""
+        try:
+            write()
+        except Exception:
+            log.exception(
+                "the %s index refused a committed change; the change log's poll applies it later",
+                self.vector_backend,
+            )
+            if self.metrics is not None:
+                self.metrics.index_write_failures.inc()
+        else:
+            self._applied(log_ids)
 
     def _applied(self, log_ids: Sequence[int]) -> None:
         """Note this process's own changes, committed and in the index (under the write lock)."""
@@ -586,14 +662,18 @@ class Gallery:
             # Committed: only now does the index see the new rows.
             if changed:
                 entry_ids, vectors, cameras, times = zip(*changed, strict=True)
-                self.index.add(
-                    np.array(entry_ids),
-                    [collection] * len(entry_ids),
-                    np.stack(vectors),
-                    cameras=cameras,
-                    times=times,
+                self._index_write(
+                    logged,
+                    lambda: self.index.add(
+                        np.array(entry_ids),
+                        [collection] * len(entry_ids),
+                        np.stack(vectors),
+                        cameras=cameras,
+                        times=times,
+                    ),
                 )
-            self._applied(logged)  # (not when the index update failed: the poll then applies them)
+            else:
+                self._applied(logged)
             if repaired:
                 log.warning("entries %s were in the database but not in the index; added", repaired)
         return results
@@ -715,8 +795,7 @@ class Gallery:
                     return False
                 store.delete_entries(session, ids=[entry_id])
                 logged = self._logged(session, [entry_id], "removed")
-            self.index.remove([entry_id])
-            self._applied(logged)
+            self._index_write(logged, lambda: self.index.remove([entry_id]))
         return True
 
     def erase_identity(self, *, collection: str, identity: str) -> list[int]:
@@ -726,8 +805,7 @@ class Gallery:
                 ids = store.identity_entry_ids(session, collection=collection, identity=identity)
                 store.delete_entries(session, ids=ids)
                 logged = self._logged(session, ids, "removed")
-            self.index.remove(ids)
-            self._applied(logged)
+            self._index_write(logged, lambda: self.index.remove(ids))
         return ids
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -785,14 +863,16 @@ class Gallery:
                 logged = self._logged(session, ids, "reembedded")
                 fields = store.filter_fields(session, ids=ids) if update_index else {}
             if update_index and vectors:
-                self.index.add(
-                    np.array(ids),
-                    [item.seen.collection for item in vectors],
-                    np.stack([item.embedding for item in vectors]),
-                    cameras=[fields[i][0] for i in ids],
-                    times=[fields[i][1] for i in ids],
+                self._index_write(
+                    logged,
+                    lambda: self.index.add(
+                        np.array(ids),
+                        [item.seen.collection for item in vectors],
+                        np.stack([item.embedding for item in vectors]),
+                        cameras=[fields[i][0] for i in ids],
+                        times=[fields[i][1] for i in ids],
+                    ),
                 )
-                self._applied(logged)
         return len(applied)
 
     def sync_index(self) -> int:
@@ -803,6 +883,8 @@ class Gallery:
         applied = self.catch_up()
         if applied:
             log.info("index caught up with the change log: %d entries added, replaced or removed", applied)
+        if self._pruned_at is None or time.monotonic() - self._pruned_at >= PRUNE_SECONDS:
+            self.prune_change_log()
         when, position = self._snapshot_at
         # Due once it is old and out of date: an idle service starts no maintenance thread each second.
         due = (

@@ -166,12 +166,6 @@ class MilvusIndex:
         rows = self.client.query(self.name, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
-    def clear(self) -> None:
-        """Remove every row (a rebuild refills it from the database)."""
-        self.client.delete(self.name, filter="id >= 0 or id < 0")
-        with self._lock:
-            self._held, self._members = {}, {}
-
     def close(self) -> None:
         self.client.close()
 

@@ -812,6 +812,31 @@ def change_position(session: Session) -> int:
     return int(session.scalar(select(func.max(Change.id))) or 0)
 
 
+def pruned_after(session: Session, *, position: int) -> bool:
+    """Whether changes after ``position`` may have been pruned from the log (``prune_changes``): the
+    next one it holds is not ``position + 1`` and none at or before ``position`` survives. Ids skipped
+    by transactions that rolled back read as pruned then: a needless rebuild, never a missed change."""
+    following = session.scalar(select(func.min(Change.id)).where(Change.id > position))
+    if following is None or following == position + 1:
+        return False
+    return int(session.scalar(select(func.min(Change.id))) or 0) > position
+
+
+def prune_changes(session: Session, *, before: datetime, limit: int = 50_000) -> int:
+    """Delete up to ``limit`` changes logged before ``before``, oldest first, in the caller's
+    transaction; returns how many. The last change always stays: it is the position every replica and
+    snapshot compares with (``change_position``)."""
+    last = change_position(session)
+    doomed = (
+        select(Change.id)
+        .where(Change.created_at < before, Change.id < last)
+        .order_by(Change.id)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    return int(session.execute(delete(Change).where(Change.id.in_(doomed))).rowcount or 0)
+
+
 def changes_after(session: Session, *, position: int, limit: int) -> list[tuple[int, int]]:
     """(log id, entry id) of the next ``limit`` changes after ``position``, in log order."""
     query = select(Change.id, Change.entry_id).where(Change.id > position).order_by(Change.id).limit(limit)

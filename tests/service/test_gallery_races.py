@@ -168,9 +168,10 @@ def test_a_refreshed_entry_joins_the_index_once(client, gallery, people):
 def test_an_entry_committed_but_not_indexed_is_found_and_indexed(
     client, gallery, people, monkeypatch, repair
 ):
-    """The index update fails after the commit (the request fails, the row stays): enrolling the same
-    bytes again finds the entry missing from the index and adds its stored embedding; so does the
-    service's periodic index sync (``Gallery.sync_index``, here called once)."""
+    """The index update fails after the commit (Milvus away, memory short): the database holds the
+    entry, so the request succeeds and says so; enrolling the same bytes again finds the entry missing
+    from the index and adds its stored embedding; so does the service's periodic index sync
+    (``Gallery.sync_index``, here called once)."""
     blob = crop(people[4])
 
     def failing(*args, **kwargs):
@@ -178,9 +179,11 @@ def test_an_entry_committed_but_not_indexed_is_found_and_indexed(
 
     with monkeypatch.context() as patch:
         patch.setattr(gallery.index, "add", failing)
-        with pytest.raises(MemoryError):
-            client.post("/gallery", files=files(blob), data={"identity": "lost"})
+        (accepted,) = enroll(client, blob, identity="lost")
+    failures = client.get("/metrics").text
+    assert "reid_gallery_index_write_failures_total 1.0" in failures
     (stored,) = client.get("/gallery", params={"identity": "lost"}).json()["items"]
+    assert stored["id"] == accepted["id"]
     assert stored["searchable"] is True
     assert counts(client) == (1, 1, 0)  # in the database, not in the index
     assert query(client, blob) == []

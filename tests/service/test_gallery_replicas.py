@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from app.gallery import store
 from app.main import create_app
@@ -151,3 +154,99 @@ def test_camera_and_time_filters_from_the_index_admit_what_the_database_does(
     with TestClient(create_app(settings)) as client:
         assert client.app.state.gallery.started_from == "rebuilt"
         agree(client)
+
+
+def age_change_log(url: str, days: int) -> None:
+    """Make every change-log row ``days`` older, as if written then."""
+    engine = create_engine(url)
+    older = (
+        f"created_at - INTERVAL '{days} days'"
+        if engine.dialect.name == "postgresql"
+        else f"datetime(created_at, '-{days} days')"
+    )
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE gallery_changes SET created_at = {older}"))
+    engine.dispose()
+
+
+def test_the_change_log_is_pruned_and_a_snapshot_older_than_it_is_rebuilt(
+    bundles, database_url, tmp_path, people, caplog
+):
+    """Rows past REID_CHANGE_LOG_DAYS are pruned (the last one stays: it is the position). A snapshot
+    whose later changes were pruned cannot be caught up (here: a delete it never saw) and is rebuilt."""
+    settings = make_settings(bundles, tmp_path / "data", database_url=database_url)
+    assert settings.change_log_days == 7
+    with TestClient(create_app(settings)) as client:
+        ids = [enroll(client, crop(p))[0]["id"] for p in people[:3]]
+    update = {"data_dir": tmp_path / "other", "index_snapshots": False, "index_sync_seconds": 0}
+    with TestClient(create_app(settings.model_copy(update=update))) as client:
+        assert client.delete(f"/gallery/{ids[0]}").status_code == 200
+        new = enroll(client, crop(people[4]))[0]["id"]
+        gallery = client.app.state.gallery
+        with gallery.sessions() as session:
+            last, logged = (
+                store.change_position(session),
+                len(store.changes_after(session, position=0, limit=99)),
+            )
+        assert logged == 5
+        assert gallery.prune_change_log() == 0  # nothing old enough
+        age_change_log(settings.database, 8)
+        assert gallery.prune_change_log() == logged - 1
+        with gallery.sessions() as session:
+            assert store.change_position(session) == last  # kept
+            assert store.changes_after(session, position=0, limit=99) == [(last, new)]
+    with (
+        caplog.at_level(logging.WARNING, logger="app.gallery.gallery"),
+        TestClient(create_app(settings)) as client,
+    ):
+        gallery = client.app.state.gallery
+        assert gallery.started_from == "rebuilt"
+        assert "older than the change log's retention" in caplog.text  # not loaded, then found wrong
+        assert gallery.index.fingerprints() == {"default": (3, ids[1] + ids[2] + new)}
+        assert ids[0] not in [m["entry_id"] for m in query(client, crop(people[0]), top_k=10)]
+
+
+def test_a_replica_behind_the_pruned_change_log_rebuilds_its_index(bundles, database_url, tmp_path, people):
+    """A replica that was stalled past the retention while another wrote and pruned: its next poll finds
+    the changes after its position gone, rebuilds from the database and holds what the other wrote."""
+    a = make_settings(bundles, tmp_path / "a", database_url=database_url, index_sync_seconds=0)
+    b = make_settings(bundles, tmp_path / "b", database_url=database_url, index_sync_seconds=0)
+    with TestClient(create_app(a)) as one, TestClient(create_app(b)) as two:
+        kept = enroll(one, crop(people[0]))[0]["id"]
+        gone = enroll(one, crop(people[1]))[0]["id"]
+        stalled = two.app.state.gallery
+        assert stalled.sync_index() == 2
+        assert one.delete(f"/gallery/{gone}").status_code == 200  # a change it will never read
+        late = enroll(one, crop(people[2]))[0]["id"]
+        age_change_log(a.database, 30)
+        assert one.app.state.gallery.prune_change_log() == 3  # of 4: the last stays
+        assert stalled.gap_rebuilds == 0
+        stalled.sync_index()
+        assert stalled.gap_rebuilds == 1
+        assert stalled.index.fingerprints() == {"default": (2, kept + late)}
+        assert best(two, crop(people[2])) == late
+        assert stalled.sync_index() == 0 and stalled.gap_rebuilds == 1  # current again
+
+
+def test_a_gap_in_the_log_reads_as_pruned_only_when_nothing_before_it_survives(tmp_path):
+    """``store.pruned_after``: ids skipped by a rolled-back transaction are no gap while older rows
+    remain; once the rows before the gap are pruned, a position before it can no longer be caught up."""
+    engine = store.open_engine(f"sqlite:///{tmp_path / 'log.sqlite3'}")
+    store.prepare_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            store.Change.__table__.insert(),
+            [
+                {"id": i, "entry_id": i, "kind": "added", "created_at": datetime(2026, 1, 1)}
+                for i in (1, 2, 3, 5, 6)
+            ],
+        )
+    with Session(engine) as session:
+        assert [store.pruned_after(session, position=p) for p in (0, 1, 3, 6)] == [False] * 4
+        session.execute(store.Change.__table__.delete().where(store.Change.id <= 2))
+        assert not store.pruned_after(session, position=3)  # 3 survives: 4 never was
+        assert store.pruned_after(session, position=1)  # 2 is gone
+        session.execute(store.Change.__table__.delete().where(store.Change.id == 3))
+        assert store.pruned_after(session, position=3)  # 4 may have been (it never was: a needless rebuild)
+        assert not store.pruned_after(session, position=5)
+    engine.dispose()

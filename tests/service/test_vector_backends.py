@@ -121,6 +121,43 @@ def test_a_restart_on_milvus_repairs_what_milvus_lost_and_what_it_kept_extra(
 
 
 @NEEDS_MILVUS
+def test_a_milvus_refill_never_empties_the_collection_other_replicas_search(
+    bundles, database_url, tmp_path, people, monkeypatch
+):
+    """``Gallery.rebuild`` on Milvus (the last resort of a start that cannot repair) writes every row
+    again and then deletes only the ids the database lacks: at no moment of it does a search by
+    another replica of the shared collection miss an entry the database holds."""
+    settings = make_settings(
+        bundles, tmp_path / "data", database_url=database_url, **backend_settings("milvus", tmp_path)
+    )
+    with TestClient(create_app(settings)) as client:
+        entries = [enroll(client, crop(p), identity=f"p{p.pid}")[0] for p in people[:5]]
+        gallery = client.app.state.gallery
+        ids = sorted(e["id"] for e in entries)
+        probe = gallery.index.vectors("default", [ids[0]])[0]
+        extra = {"id": 10_000, "collection": "default", "camera": None, "captured_at": None, "vector": probe}
+        gallery.index.client.insert(gallery.index.name, [extra])  # a row the database never had
+
+        seen: list[set[int]] = []  # what a search of the whole collection finds after each write
+        for method in ("upsert", "delete"):
+            original = getattr(gallery.index.client, method)
+
+            def spy(*args, _original=original, **kwargs):
+                done = _original(*args, **kwargs)
+                _, found = gallery.index.search("default", probe, 100)
+                seen.append(set(found.tolist()))
+                return done
+
+            monkeypatch.setattr(gallery.index.client, method, spy)
+        assert gallery.rebuild() == 5
+        assert seen and all(set(ids) <= found for found in seen)
+        assert seen[-1] == set(ids)
+        assert 10_000 not in gallery.index
+        name = gallery.index.name
+    assert milvus_rows(settings.milvus, name) == ids
+
+
+@NEEDS_MILVUS
 def test_each_reid_bundle_has_its_own_milvus_collection(bundles, other_reid_bundle, tmp_path, people):
     """Entries of another bundle are never searched: its vectors live in another Milvus collection."""
     milvus = backend_settings("milvus", tmp_path)
