@@ -18,6 +18,10 @@ the real ``Gallery`` opens it three times, each in a process of its own:
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/gallery_scale.py --entries 100000 --json
 
+``--backend milvus`` runs the same phases on Milvus (``--milvus-uri``: a server URL, default a Milvus
+Lite file in the work folder): the cold start fills Milvus from the database (no snapshot: Milvus keeps
+its rows), the warm one reads its ids and verifies them.
+
 With ``--json`` the last line is one JSON object (``p50_ms``, ``p99_ms``, ``filtered_p99_ms``: the worse
 filter, ``recall_at_10``: the worst of the three, ``startup_s``, ``rss_mb``, and the rest).
 """
@@ -169,24 +173,26 @@ def populate(url: str, n: int, folder: Path) -> dict:
     }
 
 
-def open_gallery(url: str, folder: Path, build_threads: int):
+def open_gallery(url: str, folder: Path, build_threads: int, milvus: str | None):
     from app.gallery.gallery import Gallery
 
     models = load_models()
     before = rss_mb()
     start = time.perf_counter()
-    gallery = Gallery.open(url, models, snapshot_dir=folder / "index", build_threads=build_threads)
+    backend = {"vector_backend": "milvus", "milvus_uri": milvus} if milvus else {}
+    gallery = Gallery.open(url, models, snapshot_dir=folder / "index", build_threads=build_threads, **backend)
     return gallery, time.perf_counter() - start, before
 
 
-def cold(url: str, folder: Path, build_threads: int) -> dict:
-    gallery, seconds, _ = open_gallery(url, folder, build_threads)
-    assert gallery.started_from == "rebuilt"
+def cold(url: str, folder: Path, build_threads: int, milvus: str | None) -> dict:
+    gallery, seconds, _ = open_gallery(url, folder, build_threads, milvus)
+    assert gallery.started_from == ("repaired" if milvus else "rebuilt"), gallery.started_from
     start = time.perf_counter()
     gallery.save_snapshot()
     snapshot_s = time.perf_counter() - start
     kinds = gallery.index.kinds()
     gallery.engine.dispose()  # (not close(): the snapshot is written)
+    gallery.index.close()
     size = sum(p.stat().st_size for p in (folder / "index").rglob("*") if p.is_file())
     return {
         "build_s": round(seconds - snapshot_s, 1),
@@ -200,9 +206,9 @@ def percentile(values: list[float], p: float) -> float:
     return round(float(np.percentile(values, p)) * 1e3, 2)
 
 
-def warm(url: str, folder: Path, build_threads: int) -> dict:
-    gallery, seconds, before = open_gallery(url, folder, build_threads)
-    assert gallery.started_from == "snapshot", gallery.started_from
+def warm(url: str, folder: Path, build_threads: int, milvus: str | None) -> dict:
+    gallery, seconds, before = open_gallery(url, folder, build_threads, milvus)
+    assert gallery.started_from == ("verified" if milvus else "snapshot"), gallery.started_from
     result = {"startup_s": round(seconds, 2), "rss_mb": round(rss_mb()), "index_mb": round(rss_mb() - before)}
     q = np.load(folder / "queries.npy")
     truth = json.loads((folder / "truth.json").read_text())
@@ -229,10 +235,11 @@ def warm(url: str, folder: Path, build_threads: int) -> dict:
             "recall_at_10": round(float(np.mean(recall)), 4),
         }
     gallery.engine.dispose()
+    gallery.index.close()
     return result
 
 
-def child(phase: str, url: str, folder: Path, build_threads: int) -> dict:
+def child(phase: str, url: str, folder: Path, build_threads: int, milvus: str | None) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -244,6 +251,7 @@ def child(phase: str, url: str, folder: Path, build_threads: int) -> dict:
         str(folder),
         "--build-threads",
         str(build_threads),
+        *(["--milvus-uri", milvus] if milvus else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -258,16 +266,23 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a new SQLite file in a temporary folder")
     parser.add_argument("--build-threads", type=int, default=1, help="FAISS threads building the graph")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--backend", choices=["faiss", "milvus"], default="faiss", help="the vector backend")
+    parser.add_argument(
+        "--milvus-uri", help="with --backend milvus: a server URL (default: a Milvus Lite file)"
+    )
     parser.add_argument("--phase", choices=["cold", "warm"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         run = cold if args.phase == "cold" else warm
-        print(json.dumps(run(args.url, args.folder, args.build_threads)))
+        print(json.dumps(run(args.url, args.folder, args.build_threads, args.milvus_uri)))
         return
     folder = args.keep or Path(tempfile.mkdtemp(prefix="gallery-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
+    milvus = None
+    if args.backend == "milvus":
+        milvus = args.milvus_uri or str(folder / "milvus.db")
     url = args.database_url or f"sqlite:///{folder / 'gallery.sqlite3'}"
     if args.database_url:
         from sqlalchemy import create_engine
@@ -277,9 +292,10 @@ def main() -> None:
         engine.dispose()
     result = populate(url, args.entries, folder)
     print(f"populated {args.entries} entries in {result['populate_s']} s", file=sys.stderr)
-    result |= child("cold", url, folder, args.build_threads)
+    result |= child("cold", url, folder, args.build_threads, milvus)
     print(f"cold start: rebuilt in {result['build_s']} s, snapshot {result['snapshot_s']} s", file=sys.stderr)
-    result |= child("warm", url, folder, args.build_threads)
+    result |= child("warm", url, folder, args.build_threads, milvus)
+    result["backend"] = args.backend
     result["faiss_threads"] = 1
     result["cpu"] = os.cpu_count()
     result["p50_ms"] = result["none"]["p50_ms"]
