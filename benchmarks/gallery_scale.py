@@ -11,10 +11,11 @@ the real ``Gallery`` opens it three times, each in a process of its own:
    written: ``build_s``, ``snapshot_s``;
 2. warm: the snapshot loaded, checked against the database and caught up: ``startup_s``, ``rss_mb`` (the
    process), ``index_mb`` (what opening the gallery added to it);
-3. in that process, 200 queries (new views of enrolled identities) through ``Gallery.search_vector``
-   (the filters' SQL, the index, the matches' rows: what an HTTP query costs past inference), top 10,
-   unfiltered and with a narrow (one camera in a 13.4-hour window: 0.1%) and a broad (6 of 20 cameras:
-   30%) filter; p50/p99 and recall@10 against exact search over the same admitted vectors.
+3. in that process, 200 queries (``--queries``; new views of enrolled identities) through
+   ``Gallery.search_vector`` (the filters' SQL, the index, the matches' rows: what an HTTP query costs
+   past inference), top 10, unfiltered and with a narrow (one camera in a 13.4-hour window: 0.1%) and a
+   broad (6 of 20 cameras: 30%) filter; p50/p99 and recall@10 against exact search over the same
+   admitted vectors.
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/gallery_scale.py --entries 100000 --json
 
@@ -50,7 +51,7 @@ from app.gallery.store import NewEntry, SearchFilters  # noqa: E402
 LATENT = 48
 CAMERAS = 20
 DAYS = 28
-QUERIES = 200
+QUERIES = 200  # default; --queries
 START = datetime(2026, 1, 1)
 NARROW = SearchFilters(
     cameras=("cam07",),
@@ -75,7 +76,7 @@ def load_models():
     return Models.load(bundles / "attributes", bundles / "reid", threads=1)
 
 
-def synthesize(n: int, dim: int, seed: int = 0):
+def synthesize(n: int, dim: int, queries: int = QUERIES, seed: int = 0):
     """(vectors, cameras, times, queries): ``n`` clustered unit vectors and their metadata."""
     rng = np.random.default_rng(seed)
     mixing = rng.standard_normal((LATENT, dim)).astype(np.float32)
@@ -98,8 +99,8 @@ def synthesize(n: int, dim: int, seed: int = 0):
         ]
     )
     cameras = np.array([f"cam{c:02d}" for c in rng.integers(0, CAMERAS, size=n)])
-    who = rng.integers(0, owner.max() + 1, size=QUERIES)
-    q = (people[who] + 0.35 * rng.standard_normal((QUERIES, LATENT)).astype(np.float32)) @ mixing
+    who = rng.integers(0, owner.max() + 1, size=queries)
+    q = (people[who] + 0.35 * rng.standard_normal((queries, LATENT)).astype(np.float32)) @ mixing
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     return x, cameras, times, q
 
@@ -115,11 +116,11 @@ def admitted_mask(filters: SearchFilters, cameras: np.ndarray, times: np.ndarray
     return mask
 
 
-def populate(url: str, n: int, folder: Path) -> dict:
+def populate(url: str, n: int, folder: Path, queries: int = QUERIES) -> dict:
     """Write the synthetic gallery and the exact answers; returns counts and times."""
     models = load_models()
     dim = models.reid.dim
-    x, cameras, times, q = synthesize(n, dim)
+    x, cameras, times, q = synthesize(n, dim, queries)
     engine = store.open_engine(url)
     store.prepare_schema(engine)
     from sqlalchemy.orm import sessionmaker
@@ -157,8 +158,8 @@ def populate(url: str, n: int, folder: Path) -> dict:
     for name, filters in FILTERS.items():
         mask = admitted_mask(filters, cameras, times)
         rows = np.flatnonzero(mask)
-        best = np.empty((QUERIES, 10), np.int64)
-        for start_row in range(0, QUERIES, 50):
+        best = np.empty((len(q), 10), np.int64)
+        for start_row in range(0, len(q), 50):
             scores = q[start_row : start_row + 50] @ x[rows].T
             top = np.argsort(-scores, axis=1)[:, :10]
             best[start_row : start_row + 50] = ids[rows[top]]
@@ -263,6 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--json", action="store_true", help="the last line is one JSON object")
+    parser.add_argument("--queries", type=int, default=QUERIES, help="timed queries per filter")
     parser.add_argument("--database-url", help="default: a new SQLite file in a temporary folder")
     parser.add_argument("--build-threads", type=int, default=1, help="FAISS threads building the graph")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
@@ -290,7 +292,7 @@ def main() -> None:
         engine = create_engine(url)
         store.drop_schema(engine)
         engine.dispose()
-    result = populate(url, args.entries, folder)
+    result = populate(url, args.entries, folder, args.queries)
     print(f"populated {args.entries} entries in {result['populate_s']} s", file=sys.stderr)
     result |= child("cold", url, folder, args.build_threads, milvus)
     print(f"cold start: rebuilt in {result['build_s']} s, snapshot {result['snapshot_s']} s", file=sys.stderr)

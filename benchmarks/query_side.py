@@ -1,0 +1,156 @@
+"""What the query side gives on the distractor validation: query expansion, flip, track queries,
+shortlist re-ranking and two-bundle ensembles, scored in NumPy from embeddings saved once (a script,
+not a test; docs/models.md, "What the query side can still give").
+
+    # once per bundle: ONNX embeddings of the split's validation images and the 19,679 distractors
+    python benchmarks/query_side.py dump models_store/reid /tmp/reid.npz --data-root $REID_DATA_ROOT
+    # the table rows: plain, query expansion grid, track queries, shortlist re-ranking
+    python benchmarks/query_side.py score /tmp/reid.npz [--flip] [--rerank 200,10,3,0.3 ...]
+    # two bundles' embeddings concatenated (the second weighted w): an ensemble's ceiling
+    python benchmarks/query_side.py score /tmp/reid.npz --ensemble /tmp/reid-128x64.npz:0.3
+
+Protocol: the committed split's 150 validation identities (one query per identity and camera), the
+gallery their other images plus the course ``test/`` crops as distractors, Market-1501 exclusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPLIT = ROOT / "splits" / "market1501-course-seed0.json"
+
+
+def dump(bundle: Path, out: Path, data_root: Path, cache: Path, threads: int) -> None:
+    """Save the bundle's embeddings (plain and flipped) of the validation set and the distractors."""
+    import torch
+
+    from app.nets.bundles import load_bundle
+    from training.data.cache import cached_images
+    from training.data.market import list_images
+    from training.onnx_export import OnnxModule
+    from training.tasks.reid import ReIDTrainConfig, embed
+    from training.tasks.reid_data import load_reid_data
+
+    torch.set_num_threads(threads)
+    manifest, _ = load_bundle(bundle)
+    model = OnnxModule(bundle)
+    config = ReIDTrainConfig.from_dict(manifest.training_config).replace(
+        data_root=str(data_root),
+        cache_dir=str(cache),
+        progress=False,
+        data_fingerprint="",
+        split_file=str(SPLIT),
+        train_all=False,
+        limit_ids=None,
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        data = load_reid_data(config, scratch)
+    validation = data.validation_set(0)
+    distractors = cached_images(
+        list_images(data_root / "test"), config.input_size, str(cache), progress=False
+    )
+    saved = {"pids": validation.pids, "camids": validation.camids, "is_query": validation.is_query}
+    for name, images in (("val", validation.images), ("dis", distractors)):
+        start = time.perf_counter()
+        saved[name] = embed(model, images, batch_size=64).numpy()
+        saved[name + "_flip"] = embed(model, images.flip(-1), batch_size=64).numpy()
+        print(f"{name}: {len(images)} images in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    np.savez(out, **saved)
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def features(saved: np.lib.npyio.NpzFile, flip: bool) -> np.ndarray:
+    """Validation then distractor embeddings, L2-normalised (flip: the mean with the mirrored crop's)."""
+    f = np.concatenate([saved["val"], saved["dis"]])
+    if flip:
+        f = normalised(f) + normalised(np.concatenate([saved["val_flip"], saved["dis_flip"]]))
+    return normalised(f)
+
+
+def shortlist_rerank(fq: np.ndarray, fg: np.ndarray, n: int, k1: int, k2: int, lam: float) -> np.ndarray:
+    """Distances after k-reciprocal re-ranking of each query among itself and its top ``n`` gallery
+    entries (the rest keep their order, after them)."""
+    from training.evaluation.rerank import re_ranking
+
+    sim = fq @ fg.T
+    dist = 3.0 - sim  # past any re-ranked distance (those lie in [0, 2])
+    for i in range(len(fq)):
+        top = np.argpartition(-sim[i], n)[:n]
+        points = np.concatenate([fq[i : i + 1], fg[top]])
+        d = np.sqrt(np.maximum(2.0 - 2.0 * points @ points.T, 0.0))
+        dist[i, top] = re_ranking(d[:1, 1:], d[:1, :1], d[1:, 1:], k1=k1, k2=k2, lambda_value=lam)[0]
+    return dist
+
+
+def score(args: argparse.Namespace) -> None:
+    from app.retrieval import expand_against
+    from training.evaluation.reid import evaluate_ranking, track_embeddings
+
+    saved = np.load(args.embeddings)
+    f = features(saved, args.flip)
+    for extra in args.ensemble:
+        path, weight = extra.rsplit(":", 1)
+        w = float(weight)
+        f = normalised(
+            np.concatenate([f * np.sqrt(1 - w), features(np.load(path), args.flip) * np.sqrt(w)], 1)
+        )
+    distractors = len(saved["dis"])
+    pids = np.concatenate([saved["pids"], np.zeros(distractors, int)])
+    cams = np.concatenate([saved["camids"], -np.ones(distractors, int)])
+    is_query = np.concatenate([saved["is_query"], np.zeros(distractors, bool)])
+    q, g = np.flatnonzero(is_query), np.flatnonzero(~is_query)
+
+    def report(name: str, dist: np.ndarray) -> None:
+        r = evaluate_ranking(dist, pids[q], pids[g], cams[q], cams[g], max_rank=10)
+        print(f"{name:40} mAP {r['mAP']:.4f}  rank-1 {r['rank1']:.4f}", flush=True)
+
+    tracks = track_embeddings(f, pids, cams, q)
+    for label, queries in (("", f[q]), ("track ", tracks)):
+        report(f"{label}plain", 1 - queries @ f[g].T)
+        for k, alpha in ((3, 1.0), (5, 3.0)):
+            expanded = expand_against(queries, f[g], k=k, alpha=alpha)
+            report(f"{label}query expansion {k}, sim^{alpha:g}", 1 - expanded @ f[g].T)
+    for spec in args.rerank:
+        n, k1, k2, lam = spec.split(",")
+        start = time.perf_counter()
+        dist = shortlist_rerank(f[q], f[g], int(n), int(k1), int(k2), float(lam))
+        ms = 1e3 * (time.perf_counter() - start) / len(q)
+        report(f"shortlist re-rank {spec} ({ms:.0f} ms/query)", dist)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump", help="save a bundle's embeddings")
+    d.add_argument("bundle", type=Path)
+    d.add_argument("out", type=Path)
+    d.add_argument("--data-root", type=Path, required=True)
+    d.add_argument("--cache-dir", type=Path, default=Path("cache"))
+    d.add_argument("--threads", type=int, default=2)
+    s = sub.add_parser("score", help="score saved embeddings")
+    s.add_argument("embeddings", type=Path)
+    s.add_argument("--flip", action="store_true", help="average with the mirrored crops' embeddings")
+    s.add_argument("--ensemble", action="append", default=[], metavar="NPZ:WEIGHT")
+    s.add_argument("--rerank", action="append", default=[], metavar="N,K1,K2,LAMBDA")
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump(args.bundle, args.out, args.data_root, args.cache_dir, args.threads)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    main()
