@@ -231,3 +231,12 @@ FILTER_CASES = [
         captured_before=datetime(2026, 3, 2, tzinfo=UTC),
     ),
 ]
+
+
+def enroll_for_filters(client, people) -> None:
+    """Enroll 12 people with camera i % 3 and time i % 4 of FILTER_CAMERAS and FILTER_TIMES."""
+    for i, person in enumerate(people[:12]):
+        fields = {"camera_id": FILTER_CAMERAS[i % 3]} if FILTER_CAMERAS[i % 3] else {}
+        if FILTER_TIMES[i % 4]:
+            fields["captured_at"] = FILTER_TIMES[i % 4]
+        enroll(client, crop(person), **fields)

@@ -20,11 +20,10 @@ from sqlalchemy.orm import Session
 from app.gallery import store
 from app.main import create_app
 from tests.service.helpers import (
-    FILTER_CAMERAS,
     FILTER_CASES,
-    FILTER_TIMES,
     crop,
     enroll,
+    enroll_for_filters,
     make_settings,
     query,
 )
@@ -140,11 +139,7 @@ def test_camera_and_time_filters_from_the_index_admit_what_the_database_does(
                 assert sorted(gallery.index.select("default", f).tolist()) == sorted(wanted.tolist()), f
 
     with TestClient(create_app(settings)) as client:
-        for i, person in enumerate(people[:12]):
-            fields = {"camera_id": FILTER_CAMERAS[i % 3]} if FILTER_CAMERAS[i % 3] else {}
-            if FILTER_TIMES[i % 4]:
-                fields["captured_at"] = FILTER_TIMES[i % 4]
-            enroll(client, crop(person), **fields)
+        enroll_for_filters(client, people)
         agree(client)
     with TestClient(create_app(settings)) as client:
         assert client.app.state.gallery.started_from == "snapshot"

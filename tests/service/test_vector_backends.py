@@ -24,13 +24,12 @@ from app.gallery.milvus_index import MISSING, filter_expression, is_server_uri
 from app.main import create_app, preflight
 from tests.service.helpers import (
     BACKENDS,
-    FILTER_CAMERAS,
     FILTER_CASES,
-    FILTER_TIMES,
     NEEDS_MILVUS,
     backend_settings,
     crop,
     enroll,
+    enroll_for_filters,
     make_settings,
     query,
 )
@@ -45,11 +44,7 @@ def test_camera_and_time_filters_admit_what_the_database_does(
     overrides = backend_settings(backend, tmp_path)
     settings = make_settings(bundles, tmp_path / "data", database_url=database_url, **overrides)
     with TestClient(create_app(settings)) as client:
-        for i, person in enumerate(people[:12]):
-            fields = {"camera_id": FILTER_CAMERAS[i % 3]} if FILTER_CAMERAS[i % 3] else {}
-            if FILTER_TIMES[i % 4]:
-                fields["captured_at"] = FILTER_TIMES[i % 4]
-            enroll(client, crop(person), **fields)
+        enroll_for_filters(client, people)
         gallery = client.app.state.gallery
         version = gallery.model_version
         for f in FILTER_CASES:
