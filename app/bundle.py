@@ -37,6 +37,17 @@ class EmbeddingSpec(BaseModel):
     distance: Literal["cosine"] = "cosine"
 
 
+class GallerySideSpec(BaseModel):
+    """Gallery-side augmentation of the expanded query's shortlist (``app.retrieval``) as validated for
+    this bundle, with the threshold of the scores it gives."""
+
+    neighbours: int = Field(gt=0, description="other entries averaged into each candidate")
+    alpha: float = Field(ge=0, description="their weights are similarity**alpha")
+    weight: float = Field(ge=0, le=1, description="share of the neighbourhood in a candidate's score")
+    shortlist: int = Field(gt=0, description="candidates rescored per query (at least top_k)")
+    match_threshold: float = Field(description="rescored similarity at 1% false matches")
+
+
 class QueryExpansionSpec(BaseModel):
     """alpha-weighted query expansion (``app.retrieval``) as validated for this bundle: its own match
     threshold, because expanded queries score higher than plain ones."""
@@ -48,6 +59,7 @@ class QueryExpansionSpec(BaseModel):
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="validation metrics with and without it, per protocol"
     )
+    gallery_side: GallerySideSpec | None = None
 
 
 class OnnxGraph(BaseModel):

@@ -106,6 +106,7 @@ async def _open_service(app: FastAPI, settings: Settings) -> AsyncIterator[None]
             metrics=metrics,
             search_threads=settings.faiss_threads,
             query_expansion=settings.query_expansion,
+            gallery_side=settings.gallery_side,
             store_images=settings.store_images,
             snapshot_dir=settings.snapshot_dir,
             exact_max=settings.exact_search_max,

@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         "re-ID bundle's manifest validated (off when it has no 'query_expansion' section); 0: off.",
     )
 
+    gallery_side: bool = Field(
+        default=True,
+        description="Rescore the expanded query's best candidates with their own neighbourhoods in the "
+        "gallery, where the re-ID bundle's manifest validated it (its 'query_expansion.gallery_side'); "
+        "false: query expansion alone.",
+    )
+
     # Server (``reid-serve --host/--port`` override these)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)

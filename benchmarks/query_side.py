@@ -6,6 +6,8 @@ not a test; docs/models.md, "What the query side can still give").
     python benchmarks/query_side.py dump models_store/reid /tmp/reid.npz --data-root $REID_DATA_ROOT
     # the table rows: plain, query expansion grid, track queries, shortlist re-ranking
     python benchmarks/query_side.py score /tmp/reid.npz [--flip] [--rerank 200,10,3,0.3 ...]
+    # k-reciprocal re-ranking over the whole gallery, as predict-reid --rerank (one grid point each)
+    python benchmarks/query_side.py score /tmp/reid.npz --flip --full-rerank 20,6,0.3
     # two bundles' embeddings concatenated (the second weighted w): an ensemble's ceiling
     python benchmarks/query_side.py score /tmp/reid.npz --ensemble /tmp/reid-128x64.npz:0.3
 
@@ -95,6 +97,21 @@ def shortlist_rerank(fq: np.ndarray, fg: np.ndarray, n: int, k1: int, k2: int, l
     return dist
 
 
+def database_side(gallery: np.ndarray, k: int, alpha: float, block: int = 2048) -> np.ndarray:
+    """Database-side augmentation (alpha-DBA): each gallery entry replaced by the similarity**alpha
+    weighted mean of itself and its ``k`` nearest other entries, L2-normalised (in blocks of rows)."""
+    from app.retrieval import expand_queries
+
+    out = []
+    for i in range(0, len(gallery), block):
+        rows = gallery[i : i + block]
+        sims = rows @ gallery.T
+        top = np.argpartition(-sims, k, axis=1)[:, : k + 1]  # itself (similarity 1) among them
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        out.append(expand_queries(np.zeros_like(rows), gallery[top], top_sims, alpha=alpha))
+    return np.concatenate(out)
+
+
 def score(args: argparse.Namespace) -> None:
     from app.retrieval import expand_against
     from training.evaluation.reid import evaluate_ranking, track_embeddings
@@ -118,6 +135,21 @@ def score(args: argparse.Namespace) -> None:
         print(f"{name:40} mAP {r['mAP']:.4f}  rank-1 {r['rank1']:.4f}", flush=True)
 
     tracks = track_embeddings(f, pids, cams, q)
+    for spec in args.dba:
+        k, alpha, *shortlist = spec.split(",")
+        augmented = database_side(f[g], int(k), float(alpha))
+        for n in map(int, shortlist):  # what a service can afford: the expanded query's top n re-scored
+            expanded = expand_against(f[q], f[g], k=3, alpha=1.0)
+            sim = expanded @ f[g].T
+            dist = 3.0 - sim
+            top = np.argpartition(-sim, n, axis=1)[:, :n]
+            rescored = np.einsum("qd,qnd->qn", expanded, augmented[top])
+            np.put_along_axis(dist, top, 1.0 - rescored, axis=1)
+            report(f"query expansion 3, sim^1, then gallery-side {k},{alpha} on the top {n}", dist)
+        report(f"gallery-side {spec}, plain", 1 - f[q] @ augmented.T)
+        for qk, qalpha in ((3, 1.0), (5, 3.0)):
+            expanded = expand_against(f[q], augmented, k=qk, alpha=qalpha)
+            report(f"gallery-side {spec}, query expansion {qk}, sim^{qalpha:g}", 1 - expanded @ augmented.T)
     for label, queries in (("", f[q]), ("track ", tracks)):
         report(f"{label}plain", 1 - queries @ f[g].T)
         for k, alpha in ((3, 1.0), (5, 3.0)):
@@ -129,6 +161,13 @@ def score(args: argparse.Namespace) -> None:
         dist = shortlist_rerank(f[q], f[g], int(n), int(k1), int(k2), float(lam))
         ms = 1e3 * (time.perf_counter() - start) / len(q)
         report(f"shortlist re-rank {spec} ({ms:.0f} ms/query)", dist)
+    for spec in args.full_rerank:
+        from training.evaluation.rerank import re_ranking_sparse
+
+        k1, k2, lam = spec.split(",")
+        start = time.perf_counter()
+        dist = re_ranking_sparse(f[q], f[g], k1=int(k1), k2=int(k2), lambda_value=float(lam))
+        report(f"full re-rank {spec} ({time.perf_counter() - start:.0f} s)", dist)
 
 
 def main() -> None:
@@ -145,6 +184,8 @@ def main() -> None:
     s.add_argument("--flip", action="store_true", help="average with the mirrored crops' embeddings")
     s.add_argument("--ensemble", action="append", default=[], metavar="NPZ:WEIGHT")
     s.add_argument("--rerank", action="append", default=[], metavar="N,K1,K2,LAMBDA")
+    s.add_argument("--dba", action="append", default=[], metavar="K,ALPHA[,SHORTLIST...]")
+    s.add_argument("--full-rerank", action="append", default=[], metavar="K1,K2,LAMBDA")
     args = parser.parse_args()
     if args.command == "dump":
         dump(args.bundle, args.out, args.data_root, args.cache_dir, args.threads)

@@ -32,3 +32,47 @@ def test_expansion_moves_a_hard_query_closer_to_its_identity():
     expanded = expand_against(query, gallery, k=3)
     assert np.isclose(np.linalg.norm(expanded), 1.0)
     assert (expanded @ same.T).mean() > (query @ same.T).mean()
+
+
+def test_gallery_side_rescoring_is_the_blend_of_entry_and_neighbourhood():
+    from app.retrieval import gallery_neighbours, neighbourhood_scores, rescore_shortlists
+
+    rng = np.random.default_rng(1)
+    gallery = unit(rng.normal(size=(40, 16)))
+    query = unit(rng.normal(size=(2, 16)))
+    sims, near = gallery_neighbours(gallery, 4)
+    full = gallery @ gallery.T
+    np.fill_diagonal(full, -np.inf)
+    assert all(set(near[i]) == set(np.argsort(-full[i])[:4]) for i in range(40))  # never itself
+    scores, inside = rescore_shortlists(query, gallery, neighbours=4, alpha=2.0, weight=0.5, shortlist=7)
+    assert inside.sum(axis=1).tolist() == [7, 7]
+    plain = query @ gallery.T
+    assert set(np.flatnonzero(inside[0])) == set(np.argsort(-plain[0])[:7])  # the best plain ones
+    np.testing.assert_allclose(scores[~inside], plain[~inside], atol=1e-6)
+    cand = np.flatnonzero(inside[1])
+    expected = neighbourhood_scores(
+        query[1], gallery[cand], gallery[near[cand]], sims[cand], alpha=2.0, weight=0.5
+    )
+    np.testing.assert_allclose(scores[1, cand], expected, atol=1e-6)
+    # weight 0 is the plain similarity; an entry without similar neighbours keeps its score
+    assert np.allclose(
+        neighbourhood_scores(query[0], gallery[:3], gallery[near[:3]], sims[:3], weight=0.0), plain[0, :3]
+    )
+    lonely = neighbourhood_scores(query[0], gallery[:1], -gallery[None, :1], np.array([[-0.5]]), weight=1.0)
+    assert np.allclose(lonely, plain[0, :1])
+
+
+def test_gallery_side_lifts_the_views_of_a_tight_identity_over_a_lone_look_alike():
+    from app.retrieval import rescore_shortlists
+
+    rng = np.random.default_rng(0)
+    centre = unit(rng.normal(size=64))
+    views = unit(centre + 0.8 * unit(rng.normal(size=(6, 64))))  # one person, six noisy views
+    off = unit(rng.normal(size=64))
+    query = unit(centre + 0.8 * off)
+    look_alike = unit(off + 0.3 * unit(rng.normal(size=64)))  # like the query, unlike the person
+    gallery = np.concatenate([views, look_alike[None], unit(rng.normal(size=(100, 64)))])
+    plain = query @ gallery.T
+    scores, _ = rescore_shortlists(query[None], gallery, neighbours=5, alpha=1.0, weight=0.75, shortlist=20)
+    margin = lambda s: s[:6].mean() - s[6]  # noqa: E731
+    assert margin(scores[0]) > margin(plain) + 0.05

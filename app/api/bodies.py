@@ -61,6 +61,11 @@ class ReIDModelRef(ModelRef):
     query_expansion: int = Field(
         default=0, description="Neighbours averaged into the query before ranking; 0: none."
     )
+    gallery_side: bool = Field(
+        default=False,
+        description="Whether the best candidates were rescored with their own neighbourhoods in the "
+        "gallery (gallery-side augmentation, validated with the query expansion).",
+    )
 
 
 class AttributeValue(BaseModel):

@@ -160,6 +160,7 @@ async def query(
             "version": reid.version,
             "match_threshold": threshold,
             "query_expansion": neighbours,
+            "gallery_side": bool(neighbours) and gallery.gallery_side is not None,
         },
         "candidates": candidates,
         "matches": matches,

@@ -45,7 +45,7 @@ from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
-from app.retrieval import QE_ALPHA, expand_queries
+from app.retrieval import QE_ALPHA, expand_queries, neighbourhood_scores
 
 if TYPE_CHECKING:
     from app.gallery.milvus_index import MilvusIndex
@@ -147,6 +147,7 @@ class Gallery:
         metrics: ServiceMetrics | None = None,
         search_threads: int = 1,
         query_expansion: int | None = None,
+        gallery_side: bool = True,
         store_images: bool = True,
         snapshot_dir: Path | None = None,
         exact_max: int = EXACT_MAX,
@@ -192,6 +193,8 @@ class Gallery:
         self.expansion = query_expansion if query_expansion is not None else (spec.neighbours if spec else 0)
         self.expanded_threshold = spec.match_threshold if spec else models.reid.match_threshold
         self.expansion_alpha = spec.alpha if spec else QE_ALPHA  # the weights it was validated with
+        # Gallery-side rescoring of the expanded query's shortlist, where the manifest validated it.
+        self.gallery_side = spec.gallery_side if spec and gallery_side and self.expansion else None
         if self.expansion and spec is None:
             log.warning(
                 "query expansion is on but %s has no calibrated threshold for it: is_match uses the plain "
@@ -709,6 +712,8 @@ class Gallery:
     def query_settings(self, expand: bool = True) -> tuple[int, float | None]:
         """(query-expansion neighbours, match threshold) that a search with ``expand`` uses."""
         if expand and self.expansion:
+            if self.gallery_side is not None:
+                return self.expansion, self.gallery_side.match_threshold
             return self.expansion, self.expanded_threshold
         return 0, self.models.reid.match_threshold
 
@@ -727,7 +732,9 @@ class Gallery:
 
         With query expansion on (and ``expand``), the query first takes in its nearest neighbours among
         the entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
-        query, judged by the threshold validated for them.
+        query, judged by the threshold validated for them. Where the bundle validated gallery-side
+        augmentation too, the top ``max(k, shortlist)`` candidates are rescored with their own
+        neighbourhoods in the collection (``app.retrieval.neighbourhood_scores``) and re-sorted.
 
         Matches are plain dicts with the fields of ``app.api.bodies.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
@@ -756,9 +763,14 @@ class Gallery:
                     vector = expand_queries(
                         vector[None], stacked[None], sims[None], alpha=self.expansion_alpha
                     )[0]
+            rescore = self.gallery_side if expand and neighbours else None
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
-                scores, ids = self.index.search(collection, vector, k, allowed=allowed, where=where)
+                fetch = max(k, rescore.shortlist) if rescore is not None else k
+                scores, ids = self.index.search(collection, vector, fetch, allowed=allowed, where=where)
+                if rescore is not None:
+                    scores, ids = self._rescored(collection, vector, scores, ids, rescore)
+                scores, ids = scores[:k], ids[:k]
                 if min_score is not None:
                     keep = scores >= min_score
                     scores, ids = scores[keep], ids[keep]
@@ -785,6 +797,24 @@ class Gallery:
         if self.metrics is not None:
             self.metrics.search.observe(time.perf_counter() - start)
         return candidates, matches
+
+    def _rescored(
+        self, collection: str, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, spec: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``ids`` re-sorted by gallery-side augmented scores; unchanged if one was deleted meanwhile."""
+        if len(ids) == 0:
+            return scores, ids
+        try:
+            candidates = self.index.vectors(collection, ids)
+            sims, near = self.index.neighbours(collection, ids, spec.neighbours)
+            stacked = np.zeros((*near.shape, candidates.shape[1]), np.float32)
+            found = near >= 0
+            stacked[found] = self.index.vectors(collection, near[found])
+        except KeyError:  # an entry deleted since the search: keep the expanded query's ranking
+            return scores, ids
+        new = neighbourhood_scores(vector, candidates, stacked, sims, alpha=spec.alpha, weight=spec.weight)
+        order = np.argsort(-new, kind="stable")
+        return new[order].astype(np.float32), ids[order]
 
     # -- deletion -----------------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def test_export_evaluate_predict(reid_run, course_root, tmp_path):
     top = ranking.read_text().splitlines()[0].split(": ")[1].split(", ")
     assert result.exit_code == 0 and top == ranked[:5]
     result = invoke("predict-reid", "--bundle", bundle, "--queries", queries, "--gallery", gallery,
-                    "--out", ranking, "--rerank", "--no-progress")  # fmt: skip
+                    "--out", ranking, "--rerank", "--flip", "--no-progress")  # fmt: skip
     assert result.exit_code == 0 and "re-ranked 3 x 17" in result.output, result.output
     reranked = [line.split(": ")[1].split(", ") for line in ranking.read_text().splitlines()]
     assert all(sorted(r) == sorted(p.name for p in images[3:20]) for r in reranked)
@@ -129,6 +129,9 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     from app.retrieval import QE_ALPHA, QE_NEIGHBOURS
 
     assert (split.query_expansion.neighbours, split.query_expansion.alpha) == (QE_NEIGHBOURS, QE_ALPHA)
+    gs = split.query_expansion.gallery_side  # recorded with its own threshold, and its metrics
+    assert gs is not None and gs.match_threshold != split.query_expansion.match_threshold
+    assert "mAP_gallery_side" in split.query_expansion.metrics["validation"]
 
     args = [
         "evaluate-reid",
@@ -150,6 +153,8 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     again = read_manifest(store / "all")
     assert again.match_threshold == pytest.approx(estimate["match_threshold"])
     assert again.query_expansion.match_threshold == pytest.approx(estimate["match_threshold_expanded"])
+    gallery_side = again.query_expansion.gallery_side
+    assert gallery_side.match_threshold == pytest.approx(estimate["match_threshold_gallery_side"])
     assert again.metrics["mAP"] == split.metrics["mAP"]  # seen identities never overwrite the split's
     assert "unlabelled crops" in again.metrics["match_threshold_source"]
 

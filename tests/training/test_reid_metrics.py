@@ -107,6 +107,9 @@ def test_unlabelled_threshold_matches_the_labelled_one():
     assert labelled - 0.01 < est["threshold"] < labelled + 0.05
     expanded = unlabelled_threshold(feats, queries=600, query_expansion=5)
     assert expanded["threshold"] != est["threshold"]
+    rescored = unlabelled_threshold(feats, queries=600, query_expansion=5, gallery_side=True)
+    assert rescored["threshold"] != expanded["threshold"]
+    assert rescored["false_match_rate"] == pytest.approx(0.01, abs=1e-4)
     with pytest.raises(ValueError, match="at least 4"):
         unlabelled_threshold(feats[:3])
 

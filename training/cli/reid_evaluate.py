@@ -27,11 +27,23 @@ def print_metrics(val: dict[str, Any]) -> None:
             f"mAP {qe['mAP']:.4f}, "
             f"mINP {qe['mINP']:.4f}; match threshold {qe['match_threshold']:.4f}"
         )
+        if "gallery_side" in qe:
+            gs = qe["gallery_side"]
+            typer.echo(
+                f"  + gallery-side rescoring of the top {gs['shortlist']} ({gs['neighbours']} neighbours, "
+                f"weight {gs['weight']:g}): rank-1 {gs['rank1']:.4f}, mAP {gs['mAP']:.4f}, "
+                f"mINP {gs['mINP']:.4f}; match threshold {gs['match_threshold']:.4f}"
+            )
     if "unlabelled_threshold" in val:
         est = val["unlabelled_threshold"]
         typer.echo(
             f"match threshold estimated on the {est['crops']} distractor crops alone: "
             f"{est['match_threshold']:.4f}, with query expansion {est['match_threshold_expanded']:.4f}"
+            + (
+                f", and gallery-side rescoring {est['match_threshold_gallery_side']:.4f}"
+                if "match_threshold_gallery_side" in est
+                else ""
+            )
         )
     if "track_queries" in val:
         tr = val["track_queries"]
@@ -167,9 +179,13 @@ def _record_thresholds(bundle: Path, manifest: Any, estimate: dict[str, Any] | N
         "metrics": {**manifest.metrics, "match_threshold_source": source},
     }
     if manifest.query_expansion is not None:
-        update["query_expansion"] = manifest.query_expansion.model_copy(
-            update={"match_threshold": estimate["match_threshold_expanded"]}
-        )
+        qe_update: dict[str, Any] = {"match_threshold": estimate["match_threshold_expanded"]}
+        gs = manifest.query_expansion.gallery_side
+        if gs is not None and "match_threshold_gallery_side" in estimate:
+            qe_update["gallery_side"] = gs.model_copy(
+                update={"match_threshold": estimate["match_threshold_gallery_side"]}
+            )
+        update["query_expansion"] = manifest.query_expansion.model_copy(update=qe_update)
     write_manifest(bundle, manifest.model_copy(update=update))
     return bundle / MANIFEST
 

@@ -31,6 +31,14 @@ def predict_reid(
             "memory grows with queries x gallery, not with their square.",
         ),
     ] = False,
+    flip: Annotated[
+        bool,
+        Opt(
+            "--flip",
+            help="Average each crop's embedding with its mirror image's (twice the embedding time; "
+            "docs/models.md measures the gain).",
+        ),
+    ] = False,
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
     """Rank the gallery for every query by cosine similarity (or re-ranking), most similar first."""
@@ -47,7 +55,13 @@ def predict_reid(
         if not q_paths or not g_paths:
             raise ValueError(f"no images in {queries if not q_paths else gallery}")
         started = time.perf_counter()
-        kwargs = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
+        kwargs = {
+            "batch_size": batch_size,
+            "device": device,
+            "workers": workers,
+            "progress": progress,
+            "flip": flip,
+        }
         q_emb = embed_files(model, q_paths, manifest.input_size, desc="queries", **kwargs)
         g_emb = embed_files(model, g_paths, manifest.input_size, desc="gallery", **kwargs)
         embedded = time.perf_counter()
@@ -79,9 +93,12 @@ def embed_files(
     workers: int = 2,
     progress: bool = True,
     desc: str = "embed",
+    flip: bool = False,
 ) -> Any:
-    """Decode (threads, one batch ahead) and embed ``paths``; returns an (N, D) float32 CPU tensor."""
+    """Decode (threads, one batch ahead) and embed ``paths``; returns an (N, D) float32 CPU tensor,
+    L2-normalised (``flip``: the normalised mean of the crop's and its mirror image's embeddings)."""
     import torch
+    import torch.nn.functional as F
 
     from training.batch_inference import model_inputs
 
@@ -95,8 +112,14 @@ def embed_files(
         progress=progress,
         desc=desc,
     )
-    out = [net(x).float().cpu() for net, _, x in inputs]
-    return torch.cat(out)
+
+    def forward(net: Any, x: Any) -> Any:
+        emb = F.normalize(net(x).float(), dim=1)
+        if flip:
+            emb = F.normalize(emb + F.normalize(net(x.flip(-1)).float(), dim=1), dim=1)
+        return emb.cpu()
+
+    return torch.cat([forward(net, x) for net, _, x in inputs])
 
 
 def write_rankings(

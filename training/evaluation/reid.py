@@ -169,6 +169,7 @@ def unlabelled_threshold(
     features: np.ndarray,
     *,
     query_expansion: int = 0,
+    gallery_side: bool = False,
     queries: int = 2000,
     false_match_rate: float = 0.01,
     seed: int = 0,
@@ -176,7 +177,8 @@ def unlabelled_threshold(
     """The match threshold estimated on embeddings of unlabelled crops of many people.
 
     A seeded sample of ``queries`` crops is ranked against the rest (optionally after query
-    expansion against them) and every pair counts as an impostor. With 750 people of about 26 crops
+    expansion against them, and with ``gallery_side`` their shortlists rescored as the service does)
+    and every pair counts as an impostor. With 750 people of about 26 crops
     each (the course ``test/`` folder) about 0.13% of those pairs are the same person, mostly near the
     top, so the threshold sits where about 0.87% of true impostor pairs pass instead of 1%: slightly
     strict. On a bundle trained without those identities it can be compared with the labelled one.
@@ -192,7 +194,12 @@ def unlabelled_threshold(
     query, gallery = feats[chosen], feats[~chosen]
     if query_expansion:
         query = expand_against(query, gallery, k=query_expansion)
-    flat = (query @ gallery.T).ravel()
+    if gallery_side:
+        from app.retrieval import rescore_shortlists
+
+        flat = rescore_shortlists(query, gallery)[0].ravel()
+    else:
+        flat = (query @ gallery.T).ravel()
     k = int(np.floor(false_match_rate * len(flat)))
     top = np.partition(flat, len(flat) - 1 - k)[len(flat) - 1 - k]  # the (k+1)-th largest
     t = float(np.nextafter(top, np.float32(np.inf)))
@@ -226,6 +233,7 @@ class ReIDEvaluator:
     rerank: bool = False
     query_expansion: int = 0  # neighbours of alpha-QE (app.retrieval); 0 = off
     track_queries: bool = False  # also rank with each query's (identity, camera) images averaged
+    gallery_side: bool = False  # with query_expansion: also the service's gallery-side rescoring
     features: list[torch.Tensor] = field(default_factory=list)
     pids: list[np.ndarray] = field(default_factory=list)
     camids: list[np.ndarray] = field(default_factory=list)
@@ -250,6 +258,39 @@ class ReIDEvaluator:
         self.pids.append(np.asarray(pids))
         self.camids.append(np.asarray(camids))
         self.is_query.append(np.asarray(is_query, dtype=bool))
+
+    def _gallery_side(
+        self,
+        expanded: np.ndarray,
+        gallery: np.ndarray,
+        q_pids: np.ndarray,
+        g_pids: np.ndarray,
+        q_camids: np.ndarray,
+        g_camids: np.ndarray,
+    ) -> dict[str, object]:
+        """Metrics and match threshold of the expanded queries' shortlists rescored with gallery-side
+        augmentation (``app.retrieval.rescore_shortlists``), as the service ranks them."""
+        from app.retrieval import GS_ALPHA, GS_NEIGHBOURS, GS_SHORTLIST, GS_WEIGHT, rescore_shortlists
+
+        scores, inside = rescore_shortlists(expanded, gallery)
+        ranked = evaluate_ranking(
+            np.where(inside, 1.0 - scores, 3.0 - scores),  # the shortlist first, as the service returns it
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            max_rank=self.max_rank,
+        )
+        thr = match_threshold(scores, q_pids, g_pids, q_camids, g_camids)
+        return {
+            **{k: v for k, v in ranked.items() if k != "cmc"},
+            "neighbours": GS_NEIGHBOURS,
+            "alpha": GS_ALPHA,
+            "weight": GS_WEIGHT,
+            "shortlist": GS_SHORTLIST,
+            "match_threshold": thr["threshold"],
+            "true_match_rate_at_threshold": thr["true_match_rate"],
+        }
 
     def evaluate(self) -> dict[str, object]:
         feats = torch.cat(self.features)
@@ -279,6 +320,10 @@ class ReIDEvaluator:
                 "match_threshold": qe_thr["threshold"],
                 "true_match_rate_at_threshold": qe_thr["true_match_rate"],
             }
+            if self.gallery_side:
+                metrics["query_expansion"]["gallery_side"] = self._gallery_side(
+                    expanded, gallery, pids[q], pids[g], camids[q], camids[g]
+                )
         if self.track_queries:
             tracks = track_embeddings(feats.numpy(), pids, camids, q)
             tr = evaluate_ranking(

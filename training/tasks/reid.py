@@ -373,9 +373,15 @@ def evaluate_embeddings(
     rerank: bool = False,
     query_expansion: int = 0,
     track_queries: bool = False,
+    gallery_side: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of embeddings, and the evaluator's details (distances, indices) for plots."""
-    evaluator = ReIDEvaluator(rerank=rerank, query_expansion=query_expansion, track_queries=track_queries)
+    evaluator = ReIDEvaluator(
+        rerank=rerank,
+        query_expansion=query_expansion,
+        track_queries=track_queries,
+        gallery_side=gallery_side,
+    )
     evaluator.process(embeddings, pids, camids, is_query)
     metrics = evaluator.evaluate()
     return metrics, evaluator.last

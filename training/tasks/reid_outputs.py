@@ -50,6 +50,7 @@ def write_reid_outputs(
         rerank=rerank,
         query_expansion=query_expansion,
         track_queries=True,
+        gallery_side=bool(query_expansion),
     )
     q, g = last["query"], last["gallery"]
     if (pids == DISTRACTOR_PID).sum() >= 4:  # for bundles trained on every identity, and to compare
@@ -59,6 +60,9 @@ def write_reid_outputs(
             "match_threshold_expanded": unlabelled_threshold(crops, query_expansion=query_expansion)[
                 "threshold"
             ],
+            "match_threshold_gallery_side": unlabelled_threshold(
+                crops, query_expansion=query_expansion, gallery_side=True
+            )["threshold"],
             "crops": len(crops),
         }
     result = {
@@ -251,7 +255,7 @@ def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]
     that protocol and any other (``validation_distractors=...``)."""
     qe = validation["query_expansion"]
     measured = {"validation": validation, **protocols}
-    return {
+    spec = {
         "neighbours": qe["neighbours"],
         "alpha": qe.get("alpha", 3.0),  # evaluations before 2026-12-01 weighted neighbours sim^3
         "match_threshold": qe["match_threshold"],
@@ -261,8 +265,22 @@ def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]
                 "rank1": m["rank1"],
                 "mAP_expanded": m["query_expansion"]["mAP"],
                 "rank1_expanded": m["query_expansion"]["rank1"],
+                **(
+                    {
+                        "mAP_gallery_side": m["query_expansion"]["gallery_side"]["mAP"],
+                        "rank1_gallery_side": m["query_expansion"]["gallery_side"]["rank1"],
+                    }
+                    if "gallery_side" in m["query_expansion"]
+                    else {}
+                ),
             }
             for name, m in measured.items()
             if "query_expansion" in m
         },
     }
+    if "gallery_side" in qe:
+        gs = qe["gallery_side"]
+        spec["gallery_side"] = {
+            key: gs[key] for key in ("neighbours", "alpha", "weight", "shortlist", "match_threshold")
+        }
+    return spec
