@@ -94,6 +94,22 @@ def gallery_neighbours(gallery: np.ndarray, k: int, block: int = 2048) -> tuple[
     return sims_out, idx_out
 
 
+def augmented_gallery(
+    gallery: np.ndarray, *, neighbours: int = GS_NEIGHBOURS, alpha: float = GS_ALPHA, block: int = 4096
+) -> np.ndarray:
+    """Each gallery entry expanded with its ``neighbours`` nearest other entries (alpha-DBA), (G, D)."""
+    gallery = np.asarray(gallery, dtype=np.float32)
+    sims, idx = gallery_neighbours(gallery, neighbours)
+    return np.concatenate(
+        [
+            expand_queries(
+                gallery[i : i + block], gallery[idx[i : i + block]], sims[i : i + block], alpha=alpha
+            )
+            for i in range(0, len(gallery), block)
+        ]
+    )
+
+
 def rescore_shortlists(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -103,20 +119,18 @@ def rescore_shortlists(
     weight: float = GS_WEIGHT,
     shortlist: int = GS_SHORTLIST,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What the service's query path does to every query of ``queries`` (Q, D, already expanded) at
-    once: (scores, in_shortlist), both (Q, G). Each query's top ``shortlist`` entries get
-    :func:`neighbourhood_scores`; the others keep their plain similarity and rank after them."""
+    """What the service's query path does for every query of ``queries`` (Q, D, already expanded) at
+    once: (scores, in_shortlist), both (Q, G). ``scores`` are every entry's :func:`neighbourhood_scores`
+    (what the service reports for an entry it returns: thresholds are calibrated on them); the
+    service rescores and returns each query's ``in_shortlist`` entries, its top ``shortlist`` by
+    plain similarity, ranked by those scores, before any other."""
     queries = np.asarray(queries, dtype=np.float32)
     gallery = np.asarray(gallery, dtype=np.float32)
-    scores = queries @ gallery.T
+    plain = queries @ gallery.T
+    augmented = augmented_gallery(gallery, neighbours=neighbours, alpha=alpha)
+    scores = (1.0 - weight) * plain + weight * (queries @ augmented.T)
     n = min(shortlist, len(gallery))
-    nb_sims, nb_idx = gallery_neighbours(gallery, neighbours)
-    top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    for i in range(len(queries)):
-        cand = top[i]
-        scores[i, cand] = neighbourhood_scores(
-            queries[i], gallery[cand], gallery[nb_idx[cand]], nb_sims[cand], alpha=alpha, weight=weight
-        )
+    top = np.argpartition(-plain, n - 1, axis=1)[:, :n]
     in_shortlist = np.zeros(scores.shape, bool)
     np.put_along_axis(in_shortlist, top, True, axis=1)
     return scores, in_shortlist

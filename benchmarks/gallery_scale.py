@@ -15,7 +15,8 @@ the real ``Gallery`` opens it three times, each in a process of its own:
    ``Gallery.search_vector`` (the filters' SQL, the index, the matches' rows: what an HTTP query costs
    past inference), top 10, unfiltered and with a narrow (one camera in a 13.4-hour window: 0.1%) and a
    broad (6 of 20 cameras: 30%) filter; p50/p99 and recall@10 against exact search over the same
-   admitted vectors.
+   admitted vectors; then unfiltered with the query expansion and the gallery-side rescoring the
+   re-ID bundle validated (``query_paths``: the service's default path).
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/gallery_scale.py --entries 100000 --json
 
@@ -235,9 +236,28 @@ def warm(url: str, folder: Path, build_threads: int, milvus: str | None) -> dict
             "index_p99_ms": percentile(index_times, 99),
             "recall_at_10": round(float(np.mean(recall)), 4),
         }
+    result["query_paths"] = query_paths(gallery, q)
     gallery.engine.dispose()
     gallery.index.close()
     return result
+
+
+def query_paths(gallery, q: np.ndarray) -> dict:
+    """p50/p99 of unfiltered top-10 searches with the query expansion, and with gallery-side rescoring
+    of the shortlist on top, where the re-ID bundle validated them (the service's default path)."""
+    rescoring, out = gallery.gallery_side, {}
+    for name, side in (("expanded", None), ("gallery_side", rescoring)):
+        if not gallery.expansion or (name == "gallery_side" and side is None):
+            continue
+        gallery.gallery_side = side
+        times = []
+        for vector in q:
+            start = time.perf_counter()
+            gallery.search_vector(collection="default", vector=vector, top_k=10, filters=SearchFilters())
+            times.append(time.perf_counter() - start)
+        out[name] = {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
+    gallery.gallery_side = rescoring
+    return out
 
 
 def child(phase: str, url: str, folder: Path, build_threads: int, milvus: str | None) -> dict:

@@ -48,8 +48,7 @@ def test_gallery_side_rescoring_is_the_blend_of_entry_and_neighbourhood():
     assert inside.sum(axis=1).tolist() == [7, 7]
     plain = query @ gallery.T
     assert set(np.flatnonzero(inside[0])) == set(np.argsort(-plain[0])[:7])  # the best plain ones
-    np.testing.assert_allclose(scores[~inside], plain[~inside], atol=1e-6)
-    cand = np.flatnonzero(inside[1])
+    cand = np.arange(40)  # every entry's score is the one it would be returned with
     expected = neighbourhood_scores(
         query[1], gallery[cand], gallery[near[cand]], sims[cand], alpha=2.0, weight=0.5
     )

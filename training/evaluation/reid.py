@@ -274,7 +274,8 @@ class ReIDEvaluator:
 
         scores, inside = rescore_shortlists(expanded, gallery)
         ranked = evaluate_ranking(
-            np.where(inside, 1.0 - scores, 3.0 - scores),  # the shortlist first, as the service returns it
+            # the shortlist first by its rescored scores, the rest after it, as the service ranks them
+            np.where(inside, 1.0 - scores, 3.0 - expanded @ gallery.T),
             q_pids,
             g_pids,
             q_camids,
