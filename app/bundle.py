@@ -45,6 +45,7 @@ class GallerySideSpec(BaseModel):
     alpha: float = Field(ge=0, description="their weights are similarity**alpha")
     weight: float = Field(ge=0, le=1, description="share of the neighbourhood in a candidate's score")
     shortlist: int = Field(gt=0, description="candidates rescored per query (at least top_k)")
+    pool: int = Field(default=500, gt=0, description="best entries per query the neighbours come from")
     match_threshold: float = Field(description="rescored similarity at 1% false matches")
 
 

@@ -446,8 +446,8 @@ def load_index(url: str, *, model_version: str, dim: int, threads: int) -> tuple
     engine = store.open_engine(url)
     index = GalleryIndex(dim, threads=threads)
     with Session(engine) as session:
-        for ids, collections, vectors in store.iter_embeddings(session, model_version=model_version, dim=dim):
-            index.add(ids, collections, vectors)
+        for rows in store.iter_embeddings(session, model_version=model_version, dim=dim):
+            index.add(rows.ids, rows.collections, rows.vectors, cameras=rows.cameras, times=rows.times)
         camera = store.matching_ids(
             session,
             collection="default",

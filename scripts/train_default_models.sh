@@ -2,15 +2,18 @@
 # Reproduce the shipped default bundles (docs/models.md): train the models on the course layout of
 # Market-1501 with the committed split, then export them into models_store/.
 #
-#   REID_DATA_ROOT=/path/to/market1501 scripts/train_default_models.sh [reid|reid-all|reid-fast|attributes|attributes-all|export|all]
+#   REID_DATA_ROOT=/path/to/market1501 scripts/train_default_models.sh [reid|reid-all|reid-fast|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]
 #
 #   reid        two-branch OSNet x0.25 at 256x128 (MSMT17 start) on the split's 601 identities, with
 #               the distractor validation every 10 epochs: the recipe's measured run
 #   reid-all    the same recipe on all 751 identities (--train-all)     -> models_store/reid
 #   reid-fast   the 601-identity recipe at 128x64                        -> models_store/reid-128x64
-#   attributes  OSNet x0.25 at 128x64, warm-started from reid-fast's bundle (needs reid-fast first),
-#               on the split: the recipe's measured run and its per-group decision rule
-#   attributes-all  the same recipe on all 751 identities (--train-all) -> models_store/attributes
+#   attributes  OSNet x0.25 at 256x128, warm-started from the split-trained reid bundle (needs reid
+#               first), on the split: the recipe's measured run and its per-group decision rule
+#   attributes-all  the same recipe on all 751 identities (--train-all), warm-started from
+#               models_store/reid (needs reid-all first)                -> models_store/attributes
+#   attributes-fast, attributes-fast-all  the 128x64 recipe from reid-fast's bundle, on the split and
+#               on every identity                                       -> models_store/attributes-128x64
 #
 # Every step is resumable: run the script again after an interruption and it continues from the run's
 # last.pt. On a 2-core CPU each run uses one torch thread and the two re-ID runs go side by side (two
@@ -50,19 +53,34 @@ reid_all() {  # the shipped default: the same recipe and schedule on every ident
   resume_or "$RUNS/reid-osnet-256x128-all" train-reid "${REID_RECIPE[@]}" --input-size 256x128 --train-all
 }
 
-ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --init-weights models_store/reid-128x64 --class-weights none
-  --input-size 128x64 --epochs 16 --lr-steps 10,14 --batch-size 64 --lr 3e-4 --weight-decay 5e-4
-  --monitor mean_accuracy --patience 6)
+ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --epochs 16 --lr-steps "10,14"
+  --batch-size 64 --lr 3e-4 --weight-decay 5e-4 --monitor mean_accuracy --patience 6)
 
-attributes() {
-  # Warm start from the 128x64 re-ID bundle: its features predict attributes best (docs/models.md).
-  local init=models_store/reid-128x64
-  [ -f "$init/manifest.json" ] || reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64
-  resume_or "$RUNS/attributes-osnet-128x64" train-attributes "${ATTRIBUTE_RECIPE[@]}"
+split_reid_bundle() {  # the split-trained 256x128 re-ID bundle (its validation is what reid carries)
+  [ -f "$RUNS/bundles/reid-split/manifest.json" ] ||
+    reid-train export "$RUNS/reid-osnet-256x128" --store "$RUNS/bundles" --name reid-split
 }
 
-attributes_all() {  # the shipped default: the same recipe and schedule on every identity
-  resume_or "$RUNS/attributes-osnet-128x64-all" train-attributes "${ATTRIBUTE_RECIPE[@]}" --train-all
+attributes() {
+  # Warm start from the re-ID network of the same input size (docs/models.md, attributes at 256x128).
+  split_reid_bundle
+  resume_or "$RUNS/attributes-osnet-256x128" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 256x128 --init-weights "$RUNS/bundles/reid-split"
+}
+
+attributes_all() {  # the shipped default: the same recipe on every identity, from the shipped reid
+  split_reid_bundle
+  [ -f models_store/reid/manifest.json ] ||
+    reid-train export "$RUNS/reid-osnet-256x128-all" --name reid --metrics-from "$RUNS/bundles/reid-split"
+  resume_or "$RUNS/attributes-osnet-256x128-all" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 256x128 --init-weights models_store/reid --train-all
+}
+
+attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from the 128x64 re-ID bundle
+  [ -f models_store/reid-128x64/manifest.json ] ||
+    reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64
+  resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 128x64 --init-weights models_store/reid-128x64 "$@"
 }
 
 evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol into its manifest
@@ -75,14 +93,18 @@ export_bundles() {
   # all-identity bundle's manifest carries; the thresholds are then re-estimated for the shipped
   # weights on the distractor crops.
   reid-train export "$RUNS/reid-osnet-256x128" --store "$RUNS/bundles" --name reid-split --force
-  evaluate_and_record "$RUNS/bundles/reid-split"
+  evaluate_and_record "$RUNS/bundles/reid-split"  # query expansion and gallery-side rescoring too
   reid-train export "$RUNS/reid-osnet-256x128-all" --name reid --metrics-from "$RUNS/bundles/reid-split" --force
   reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64 --force
   # Per-group logit adjustment: each group's tau with the largest accuracy + balanced accuracy on the
   # split run's validation (docs/models.md); the all-identity bundle takes that rule and those metrics.
-  reid-train export "$RUNS/attributes-osnet-128x64" --store "$RUNS/bundles" --name attributes-split \
+  reid-train export "$RUNS/attributes-osnet-256x128" --store "$RUNS/bundles" --name attributes-split \
     --logit-adjust per-group --force
-  reid-train export "$RUNS/attributes-osnet-128x64-all" --metrics-from "$RUNS/bundles/attributes-split" --force
+  reid-train export "$RUNS/attributes-osnet-256x128-all" --metrics-from "$RUNS/bundles/attributes-split" --force
+  reid-train export "$RUNS/attributes-osnet-128x64" --store "$RUNS/bundles" --name attributes-fast-split \
+    --logit-adjust per-group --force
+  reid-train export "$RUNS/attributes-osnet-128x64-all" --name attributes-128x64 \
+    --metrics-from "$RUNS/bundles/attributes-fast-split" --force
   # Export writes each bundle's ONNX graph. The distractor protocol (the course test/ crops as wrong
   # matches, the validation that predicts a real test) and the query-expansion section the service
   # uses go into the re-ID manifests here.
@@ -96,7 +118,15 @@ case "${1:-all}" in
   reid-fast) reid_run 128x64 ;;
   attributes) attributes ;;
   attributes-all) attributes_all ;;
+  attributes-fast) attributes_fast ;;
+  attributes-fast-all) attributes_fast --train-all ;;
   export) export_bundles ;;
-  all) reid_run 256x128 & reid_run 128x64 & wait; reid_all & attributes & wait; attributes_all; export_bundles ;;
-  *) echo "usage: $0 [reid|reid-all|reid-fast|attributes|attributes-all|export|all]" >&2; exit 2 ;;
+  all)
+    reid_run 256x128 & reid_run 128x64 & wait
+    reid_all & attributes & wait
+    attributes_all & attributes_fast & wait
+    attributes_fast --train-all
+    export_bundles
+    ;;
+  *) echo "usage: $0 [reid|reid-all|reid-fast|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]" >&2; exit 2 ;;
 esac

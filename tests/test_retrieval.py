@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from app.retrieval import expand_against, expand_queries
 
@@ -35,28 +36,30 @@ def test_expansion_moves_a_hard_query_closer_to_its_identity():
 
 
 def test_gallery_side_rescoring_is_the_blend_of_entry_and_neighbourhood():
-    from app.retrieval import gallery_neighbours, neighbourhood_scores, rescore_shortlists
+    from app.retrieval import augmented_scores, neighbourhood_scores, rescore_shortlists
 
     rng = np.random.default_rng(1)
     gallery = unit(rng.normal(size=(40, 16)))
     query = unit(rng.normal(size=(2, 16)))
-    sims, near = gallery_neighbours(gallery, 4)
-    full = gallery @ gallery.T
-    np.fill_diagonal(full, -np.inf)
-    assert all(set(near[i]) == set(np.argsort(-full[i])[:4]) for i in range(40))  # never itself
-    scores, inside = rescore_shortlists(query, gallery, neighbours=4, alpha=2.0, weight=0.5, shortlist=7)
-    assert inside.sum(axis=1).tolist() == [7, 7]
+    options = {"neighbours": 4, "alpha": 2.0, "weight": 0.5}
+    scores, inside = rescore_shortlists(query, gallery, pool=12, shortlist=7, **options)
     plain = query @ gallery.T
+    assert inside.sum(axis=1).tolist() == [7, 7]
     assert set(np.flatnonzero(inside[0])) == set(np.argsort(-plain[0])[:7])  # the best plain ones
-    cand = np.arange(40)  # every entry's score is the one it would be returned with
-    expected = neighbourhood_scores(
-        query[1], gallery[cand], gallery[near[cand]], sims[cand], alpha=2.0, weight=0.5
-    )
-    np.testing.assert_allclose(scores[1, cand], expected, atol=1e-6)
+    np.testing.assert_allclose(scores[~inside], plain[~inside], atol=1e-6)
+    pool = np.argsort(-plain[1])[:12]
+    for i in np.flatnonzero(inside[1]):  # neighbours: the nearest others among the query's top 12
+        others = [j for j in pool[np.argsort(-(gallery[pool] @ gallery[i]))] if j != i][:4]
+        sims = gallery[others] @ gallery[i]
+        one = neighbourhood_scores(
+            query[1], gallery[i : i + 1], gallery[others][None], sims[None], alpha=2.0, weight=0.5
+        )
+        assert scores[1, i] == pytest.approx(one[0], abs=1e-6)
+    # with the whole gallery as the pool, the shortlist scores are those thresholds are calibrated on
+    full, inside = rescore_shortlists(query, gallery, pool=40, shortlist=7, **options)
+    np.testing.assert_allclose(full[inside], augmented_scores(query, gallery, **options)[inside], atol=1e-6)
     # weight 0 is the plain similarity; an entry without similar neighbours keeps its score
-    assert np.allclose(
-        neighbourhood_scores(query[0], gallery[:3], gallery[near[:3]], sims[:3], weight=0.0), plain[0, :3]
-    )
+    assert np.allclose(rescore_shortlists(query, gallery, weight=0.0)[0], plain, atol=1e-6)
     lonely = neighbourhood_scores(query[0], gallery[:1], -gallery[None, :1], np.array([[-0.5]]), weight=1.0)
     assert np.allclose(lonely, plain[0, :1])
 
@@ -72,6 +75,8 @@ def test_gallery_side_lifts_the_views_of_a_tight_identity_over_a_lone_look_alike
     look_alike = unit(off + 0.3 * unit(rng.normal(size=64)))  # like the query, unlike the person
     gallery = np.concatenate([views, look_alike[None], unit(rng.normal(size=(100, 64)))])
     plain = query @ gallery.T
-    scores, _ = rescore_shortlists(query[None], gallery, neighbours=5, alpha=1.0, weight=0.75, shortlist=20)
+    scores, _ = rescore_shortlists(
+        query[None], gallery, neighbours=5, alpha=1.0, weight=0.75, shortlist=20, pool=60
+    )
     margin = lambda s: s[:6].mean() - s[6]  # noqa: E731
     assert margin(scores[0]) > margin(plain) + 0.05

@@ -38,6 +38,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from threadpoolctl import ThreadpoolController
 
 from app.gallery import store
 from app.gallery.backends import build_index
@@ -45,7 +46,7 @@ from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
-from app.retrieval import QE_ALPHA, expand_queries, neighbourhood_scores
+from app.retrieval import QE_ALPHA, expand_queries, rescore_pool
 
 if TYPE_CHECKING:
     from app.gallery.milvus_index import MilvusIndex
@@ -138,6 +139,20 @@ def _created(entry_id: int, collection: str, item: NewEntry, version: str, creat
     return _enrolled(record, "created")
 
 
+def numpy_blas_on_one_thread() -> None:
+    """Put numpy's BLAS (not FAISS's, which sets its threads per search) on one thread for the rest of
+    the process. The gallery's numpy products are small (the rescoring's 100 x 500), and BLAS threads
+    spinning beside ONNX Runtime's doubled the query's p50 (25 ms against 13 at 10k entries,
+    docs/service.md); limiting them per query instead churned OpenBLAS's threads."""
+    controller = ThreadpoolController()
+    numpy_blas = [
+        lib["filepath"]
+        for lib in controller.info()
+        if lib["user_api"] == "blas" and "faiss" not in lib["filepath"]
+    ]
+    controller.select(filepath=numpy_blas).limit(limits=1)
+
+
 class Gallery:
     def __init__(
         self,
@@ -195,6 +210,8 @@ class Gallery:
         self.expansion_alpha = spec.alpha if spec else QE_ALPHA  # the weights it was validated with
         # Gallery-side rescoring of the expanded query's shortlist, where the manifest validated it.
         self.gallery_side = spec.gallery_side if spec and gallery_side and self.expansion else None
+        if self.gallery_side is not None and models.reid.runtime.name == "onnx":
+            numpy_blas_on_one_thread()  # (with torch's runtime it made queries slower: docs/service.md)
         if self.expansion and spec is None:
             log.warning(
                 "query expansion is on but %s has no calibrated threshold for it: is_match uses the plain "
@@ -734,7 +751,8 @@ class Gallery:
         the entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
         query, judged by the threshold validated for them. Where the bundle validated gallery-side
         augmentation too, the top ``max(k, shortlist)`` candidates are rescored with their own
-        neighbourhoods in the collection (``app.retrieval.neighbourhood_scores``) and re-sorted.
+        neighbourhoods among the query's top ``max(k, pool)`` (``app.retrieval.rescore_pool``) and
+        re-sorted.
 
         Matches are plain dicts with the fields of ``app.api.bodies.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
@@ -766,10 +784,10 @@ class Gallery:
             rescore = self.gallery_side if expand and neighbours else None
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
-                fetch = max(k, rescore.shortlist) if rescore is not None else k
+                fetch = max(k, rescore.pool) if rescore is not None else k
                 scores, ids = self.index.search(collection, vector, fetch, allowed=allowed, where=where)
                 if rescore is not None:
-                    scores, ids = self._rescored(collection, vector, scores, ids, rescore)
+                    scores, ids = self._rescored(collection, vector, scores, ids, rescore, k)
                 scores, ids = scores[:k], ids[:k]
                 if min_score is not None:
                     keep = scores >= min_score
@@ -799,22 +817,30 @@ class Gallery:
         return candidates, matches
 
     def _rescored(
-        self, collection: str, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, spec: Any
+        self, collection: str, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, spec: Any, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``ids`` re-sorted by gallery-side augmented scores; unchanged if one was deleted meanwhile."""
+        """``ids`` (the expanded query's pool, best first) with the top ``max(k, shortlist)`` re-sorted by
+        gallery-side augmented scores; unchanged if one was deleted meanwhile."""
         if len(ids) == 0:
             return scores, ids
         try:
-            candidates = self.index.vectors(collection, ids)
-            sims, near = self.index.neighbours(collection, ids, spec.neighbours)
-            stacked = np.zeros((*near.shape, candidates.shape[1]), np.float32)
-            found = near >= 0
-            stacked[found] = self.index.vectors(collection, near[found])
+            pool = self.index.vectors(collection, ids)
         except KeyError:  # an entry deleted since the search: keep the expanded query's ranking
             return scores, ids
-        new = neighbourhood_scores(vector, candidates, stacked, sims, alpha=spec.alpha, weight=spec.weight)
+        new = rescore_pool(
+            vector,
+            pool,
+            shortlist=max(k, spec.shortlist),
+            neighbours=spec.neighbours,
+            alpha=spec.alpha,
+            weight=spec.weight,
+        )
         order = np.argsort(-new, kind="stable")
-        return new[order].astype(np.float32), ids[order]
+        n = len(new)
+        return (
+            np.concatenate([new[order].astype(np.float32), scores[n:]]),
+            np.concatenate([ids[:n][order], ids[n:]]),
+        )
 
     # -- deletion -----------------------------------------------------------------------------------
 

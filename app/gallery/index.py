@@ -133,28 +133,6 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def others_only(
-    ids: np.ndarray, found: np.ndarray, sims: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour lists searched with ``ids``' own vectors (k + 1 columns, -1 for none) without each
-    entry itself (or, where an approximate search missed it, without the farthest): (similarities,
-    ids), both (n, k), padded with similarity 0 and id -1."""
-    n = len(ids)
-    if found.shape[1] == 0:
-        return np.zeros((n, k), np.float32), np.full((n, k), -1, np.int64)
-    is_self = found == ids[:, None]
-    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), found.shape[1] - 1)
-    keep = np.ones(found.shape, bool)
-    keep[np.arange(n), drop] = False
-    width = found.shape[1] - 1
-    out_ids = np.full((n, k), -1, np.int64)
-    out_sims = np.zeros((n, k), np.float32)
-    out_ids[:, :width] = found[keep].reshape(n, width)
-    out_sims[:, :width] = sims[keep].reshape(n, width)
-    out_sims[out_ids < 0] = 0.0
-    return out_sims, out_ids
-
-
 class GalleryIndex:
     """Thread-safe: one lock guards every read and write of the FAISS structures.
 
@@ -420,30 +398,6 @@ class GalleryIndex:
             scores, rows = c.index.search(query, k, params=params)
             keep = rows[0] >= 0
             return scores[0][keep], c.ids[rows[0][keep]]
-
-    def neighbours(
-        self, collection: str, ids: Sequence[int] | np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), both (n, k), of each entry's ``k`` nearest other live entries in
-        ``collection`` (no filters: a neighbourhood is the gallery's); -1 ids where fewer exist.
-        ``KeyError`` if one of ``ids`` was removed."""
-        ids = np.asarray(ids, dtype=np.int64)
-        with self._lock:
-            faiss.omp_set_num_threads(self.threads)
-            c = self._collections[collection]
-            rows = self._row_of[ids]
-            if (rows < 0).any():
-                raise KeyError(f"entries {ids[rows < 0].tolist()} are no longer in the index")
-            want = min(k + 1, c.live)
-            params = faiss.SearchParametersHNSW() if c.approximate else faiss.SearchParameters()
-            if c.approximate:
-                params.efSearch = max(ef_search(c.rows), want)
-            bitmap = c.live_bitmap()
-            if bitmap is not None:
-                params.sel = faiss.IDSelectorBitmap(c.rows, faiss.swig_ptr(bitmap))
-            sims, found = c.index.search(np.ascontiguousarray(c.vectors()[rows]), want, params=params)
-            found = np.where(found >= 0, c.ids[np.maximum(found, 0)], -1)
-        return others_only(ids, found, sims, k)
 
     # -- maintenance --------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from app.gallery.index import microseconds, others_only
+from app.gallery.index import microseconds
 
 MISSING = (
     "REID_VECTOR_BACKEND=milvus needs pymilvus (and milvus-lite for a file URI): "
@@ -310,32 +310,6 @@ class MilvusIndex:
         ids = np.fromiter((hit["id"] for hit in hits), dtype=np.int64, count=len(hits))
         order = np.argsort(-scores, kind="stable")  # (Milvus returns them best first; make it certain)
         return scores[order], ids[order]
-
-    def neighbours(
-        self, collection: str, ids: Sequence[int] | np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), both (n, k), of each entry's ``k`` nearest other entries in
-        ``collection``; -1 ids where fewer exist. ``KeyError`` if one of ``ids`` was removed."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
-            return np.zeros((0, k), np.float32), np.empty((0, k), np.int64)
-        found_lists = self.client.search(
-            self.name,
-            data=[row.tolist() for row in self.vectors(collection, ids)],
-            anns_field="vector",
-            limit=min(k + 1, MAX_TOP_K),
-            filter=filter_expression(collection),
-            output_fields=["id"],
-            search_params={"metric_type": "IP"},
-        )
-        width = max((len(hits) for hits in found_lists), default=0)
-        found = np.full((len(ids), width), -1, np.int64)
-        sims = np.zeros((len(ids), width), np.float32)
-        for row, hits in enumerate(found_lists):
-            ranked = sorted(hits, key=lambda hit: -hit["distance"])
-            found[row, : len(ranked)] = [hit["id"] for hit in ranked]
-            sims[row, : len(ranked)] = [hit["distance"] for hit in ranked]
-        return others_only(ids, found, sims, k)
 
     # -- what the FAISS index does and Milvus does itself ------------------------------------------
 

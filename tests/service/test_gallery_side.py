@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.bundle import MANIFEST, GallerySideSpec
+from app.bundle import MANIFEST
+from app.gallery.store import SearchFilters
 from app.main import create_app
-from app.retrieval import neighbourhood_scores
+from app.retrieval import expand_queries, neighbourhood_scores
 from tests.service.helpers import (
     BACKENDS,
     Bundles,
@@ -24,7 +25,7 @@ from tests.service.helpers import (
     sqlite_url,
 )
 
-SPEC = {"neighbours": 3, "alpha": 1.0, "weight": 0.75, "shortlist": 6, "match_threshold": 0.97}
+SPEC = {"neighbours": 3, "alpha": 1.0, "weight": 0.75, "shortlist": 6, "pool": 50, "match_threshold": 0.97}
 
 
 @pytest.fixture(scope="module")
@@ -53,33 +54,34 @@ def populate(client, people) -> np.ndarray:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_neighbours_and_rescoring_match_a_brute_force_computation(backend, validated, tmp_path, people):
+def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, validated, tmp_path, people):
+    """Query expansion (2 neighbours, sim^3), then the top max(top_k, 6) rescored with their 3 nearest
+    other entries of the pool (all 24 entries here), weights sim^1, weight 0.75."""
     overrides = backend_settings(backend, tmp_path)
     settings = make_settings(validated, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
     with TestClient(create_app(settings)) as client:
         ids = populate(client, people)
         gallery = client.app.state.gallery
         vectors = gallery.index.vectors("default", ids)
-        sims, near = gallery.index.neighbours("default", ids[:5], 3)
-        spec = GallerySideSpec(**SPEC)
-        scores, found = gallery._rescored("default", vectors[0], vectors[:6] @ vectors[0], ids[:6], spec)
-    full = vectors @ vectors.T
-    np.fill_diagonal(full, -np.inf)  # each entry's neighbours are the others
-    for row in range(5):
-        best = np.argsort(-full[row])[:3]
-        assert near[row].tolist() == ids[best].tolist()
-        np.testing.assert_allclose(sims[row], full[row, best], atol=1e-5)
-    expected = []
-    for i in range(6):
-        best = np.argsort(-full[i])[:3]
-        expected.append(
-            neighbourhood_scores(
-                vectors[0], vectors[i : i + 1], vectors[best][None], full[i, best][None], alpha=1.0
-            )[0]
+        _, matches = gallery.search_vector(
+            collection="default", vector=vectors[5], top_k=4, filters=SearchFilters()
         )
-    order = np.argsort(-np.array(expected), kind="stable")
-    assert found.tolist() == ids[:6][order].tolist()
-    np.testing.assert_allclose(scores, np.array(expected)[order], atol=1e-5)
+    sims = vectors @ vectors[5]
+    near = np.argsort(-sims)[:2]  # the entry itself among them
+    query = expand_queries(vectors[5][None], vectors[near][None], sims[near][None], alpha=3.0)[0]
+    pool = np.argsort(-(vectors @ query))
+    between = vectors @ vectors.T
+    np.fill_diagonal(between, -np.inf)
+    expected = {}
+    for i in pool[:6]:  # the shortlist, rescored
+        others = np.argsort(-between[i])[:3]
+        expected[int(ids[i])] = neighbourhood_scores(
+            query, vectors[i : i + 1], vectors[others][None], between[i, others][None], alpha=1.0
+        )[0]
+    best = sorted(expected, key=lambda i: -expected[i])[:4]
+    assert [m["entry_id"] for m in matches] == best
+    np.testing.assert_allclose([m["score"] for m in matches], [expected[i] for i in best], atol=1e-5)
+    assert all(m["is_match"] == (m["score"] >= SPEC["match_threshold"]) for m in matches)
 
 
 def test_the_bundle_decides_and_a_setting_or_the_form_field_turns_it_off(validated, tmp_path, people):

@@ -195,9 +195,9 @@ def unlabelled_threshold(
     if query_expansion:
         query = expand_against(query, gallery, k=query_expansion)
     if gallery_side:
-        from app.retrieval import rescore_shortlists
+        from app.retrieval import augmented_scores
 
-        flat = rescore_shortlists(query, gallery)[0].ravel()
+        flat = augmented_scores(query, gallery).ravel()
     else:
         flat = (query @ gallery.T).ravel()
     k = int(np.floor(false_match_rate * len(flat)))
@@ -270,25 +270,33 @@ class ReIDEvaluator:
     ) -> dict[str, object]:
         """Metrics and match threshold of the expanded queries' shortlists rescored with gallery-side
         augmentation (``app.retrieval.rescore_shortlists``), as the service ranks them."""
-        from app.retrieval import GS_ALPHA, GS_NEIGHBOURS, GS_SHORTLIST, GS_WEIGHT, rescore_shortlists
+        from app.retrieval import (
+            GS_ALPHA,
+            GS_NEIGHBOURS,
+            GS_POOL,
+            GS_SHORTLIST,
+            GS_WEIGHT,
+            augmented_scores,
+            rescore_shortlists,
+        )
 
         scores, inside = rescore_shortlists(expanded, gallery)
         ranked = evaluate_ranking(
-            # the shortlist first by its rescored scores, the rest after it, as the service ranks them
-            np.where(inside, 1.0 - scores, 3.0 - expanded @ gallery.T),
+            np.where(inside, 1.0 - scores, 3.0 - scores),  # the shortlist first, as the service returns it
             q_pids,
             g_pids,
             q_camids,
             g_camids,
             max_rank=self.max_rank,
         )
-        thr = match_threshold(scores, q_pids, g_pids, q_camids, g_camids)
+        thr = match_threshold(augmented_scores(expanded, gallery), q_pids, g_pids, q_camids, g_camids)
         return {
             **{k: v for k, v in ranked.items() if k != "cmc"},
             "neighbours": GS_NEIGHBOURS,
             "alpha": GS_ALPHA,
             "weight": GS_WEIGHT,
             "shortlist": GS_SHORTLIST,
+            "pool": GS_POOL,
             "match_threshold": thr["threshold"],
             "true_match_rate_at_threshold": thr["true_match_rate"],
         }

@@ -281,6 +281,8 @@ def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]
     if "gallery_side" in qe:
         gs = qe["gallery_side"]
         spec["gallery_side"] = {
-            key: gs[key] for key in ("neighbours", "alpha", "weight", "shortlist", "match_threshold")
+            key: gs[key]
+            for key in ("neighbours", "alpha", "weight", "shortlist", "pool", "match_threshold")
+            if key in gs
         }
     return spec
