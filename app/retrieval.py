@@ -81,6 +81,15 @@ def neighbourhood_scores(
     return (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
 
 
+def _nearest_others(rows: np.ndarray, pool: np.ndarray, start: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices into ``pool``), both (len(rows), k), of each row's ``k`` nearest entries
+    of ``pool`` other than itself (``rows`` are ``pool[start : start + len(rows)]``)."""
+    sims = rows @ pool.T
+    sims[np.arange(len(rows)), start + np.arange(len(rows))] = -np.inf  # not its own neighbour
+    near = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(sims, near, axis=1), near
+
+
 def rescore_pool(
     query: np.ndarray,
     pool: np.ndarray,
@@ -99,12 +108,8 @@ def rescore_pool(
     candidates = pool[:n]
     if k <= 0:
         return candidates @ np.asarray(query, dtype=np.float32)
-    sims = candidates @ pool.T
-    sims[np.arange(n), np.arange(n)] = -np.inf  # not its own neighbour
-    near = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    return neighbourhood_scores(
-        query, candidates, pool[near], np.take_along_axis(sims, near, axis=1), alpha=alpha, weight=weight
-    )
+    sims, near = _nearest_others(candidates, pool, 0, k)
+    return neighbourhood_scores(query, candidates, pool[near], sims, alpha=alpha, weight=weight)
 
 
 def rescore_shortlists(
@@ -151,10 +156,6 @@ def augmented_scores(
     augmented = np.empty_like(gallery)
     for start in range(0, len(gallery), block):
         rows = gallery[start : start + block]
-        sims = rows @ gallery.T
-        sims[np.arange(len(rows)), start + np.arange(len(rows))] = -np.inf
-        near = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        augmented[start : start + len(rows)] = expand_queries(
-            rows, gallery[near], np.take_along_axis(sims, near, axis=1), alpha=alpha
-        )
+        sims, near = _nearest_others(rows, gallery, start, k)
+        augmented[start : start + len(rows)] = expand_queries(rows, gallery[near], sims, alpha=alpha)
     return (1.0 - weight) * (queries @ gallery.T) + weight * (queries @ augmented.T)
