@@ -152,10 +152,20 @@ def augmented_scores(
     (the pool's neighbourhoods of a query's best entries are the gallery's, as the accuracy shows)."""
     queries = np.asarray(queries, dtype=np.float32)
     gallery = np.asarray(gallery, dtype=np.float32)
+    augmented = augmented_gallery(gallery, neighbours=neighbours, alpha=alpha, block=block)
+    return (1.0 - weight) * (queries @ gallery.T) + weight * (queries @ augmented.T)
+
+
+def augmented_gallery(
+    gallery: np.ndarray, *, neighbours: int = GS_NEIGHBOURS, alpha: float = GS_ALPHA, block: int = 2048
+) -> np.ndarray:
+    """alpha-DBA of the whole gallery: each entry expanded with its ``neighbours`` nearest other
+    entries, weighted similarity**alpha, L2-normalised (in blocks of rows), (G, D)."""
+    gallery = np.asarray(gallery, dtype=np.float32)
     k = min(neighbours, len(gallery) - 1)
     augmented = np.empty_like(gallery)
     for start in range(0, len(gallery), block):
         rows = gallery[start : start + block]
         sims, near = _nearest_others(rows, gallery, start, k)
         augmented[start : start + len(rows)] = expand_queries(rows, gallery[near], sims, alpha=alpha)
-    return (1.0 - weight) * (queries @ gallery.T) + weight * (queries @ augmented.T)
+    return augmented

@@ -97,23 +97,8 @@ def shortlist_rerank(fq: np.ndarray, fg: np.ndarray, n: int, k1: int, k2: int, l
     return dist
 
 
-def database_side(gallery: np.ndarray, k: int, alpha: float, block: int = 2048) -> np.ndarray:
-    """Database-side augmentation (alpha-DBA): each gallery entry replaced by the similarity**alpha
-    weighted mean of itself and its ``k`` nearest other entries, L2-normalised (in blocks of rows)."""
-    from app.retrieval import expand_queries
-
-    out = []
-    for i in range(0, len(gallery), block):
-        rows = gallery[i : i + block]
-        sims = rows @ gallery.T
-        top = np.argpartition(-sims, k, axis=1)[:, : k + 1]  # itself (similarity 1) among them
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        out.append(expand_queries(np.zeros_like(rows), gallery[top], top_sims, alpha=alpha))
-    return np.concatenate(out)
-
-
 def score(args: argparse.Namespace) -> None:
-    from app.retrieval import expand_against
+    from app.retrieval import augmented_gallery, expand_against
     from training.evaluation.reid import evaluate_ranking, track_embeddings
 
     saved = np.load(args.embeddings)
@@ -137,7 +122,7 @@ def score(args: argparse.Namespace) -> None:
     tracks = track_embeddings(f, pids, cams, q)
     for spec in args.dba:
         k, alpha, *shortlist = spec.split(",")
-        augmented = database_side(f[g], int(k), float(alpha))
+        augmented = augmented_gallery(f[g], neighbours=int(k), alpha=float(alpha))
         for n in map(int, shortlist):  # what a service can afford: the expanded query's top n re-scored
             expanded = expand_against(f[q], f[g], k=3, alpha=1.0)
             sim = expanded @ f[g].T

@@ -177,11 +177,12 @@ def unlabelled_threshold(
     """The match threshold estimated on embeddings of unlabelled crops of many people.
 
     A seeded sample of ``queries`` crops is ranked against the rest (optionally after query
-    expansion against them, and with ``gallery_side`` their shortlists rescored as the service does)
-    and every pair counts as an impostor. With 750 people of about 26 crops
-    each (the course ``test/`` folder) about 0.13% of those pairs are the same person, mostly near the
-    top, so the threshold sits where about 0.87% of true impostor pairs pass instead of 1%: slightly
-    strict. On a bundle trained without those identities it can be compared with the labelled one.
+    expansion against them, and with ``gallery_side`` every pair scored as the service scores the
+    entries it returns, ``app.retrieval.augmented_scores``) and every pair counts as an impostor.
+    With 750 people of about 26 crops each (the course ``test/`` folder) about 0.13% of those pairs
+    are the same person, mostly near the top, so the threshold sits where about 0.87% of true impostor
+    pairs pass instead of 1%: slightly strict. On a bundle trained without those identities it can be
+    compared with the labelled one.
     """
     from app.retrieval import expand_against
 
