@@ -35,6 +35,20 @@ def identity_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+def cosface_loss(
+    cosines: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float = 30.0,
+    margin: float = 0.35,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Large-margin cosine loss (CosFace, Wang et al. 2018): cross-entropy of s (cos - m [true class])."""
+    target = F.one_hot(labels, cosines.shape[1]).to(cosines.dtype)
+    logits = scale * (cosines.float() - margin * target)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
 def pairwise_distances(x: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """Euclidean (or squared Euclidean) distance matrix of the rows of ``x``."""
     x = x.float()

@@ -28,6 +28,9 @@ class ReIDNetConfig:
     last_stride: int = 2
     # Per-branch feature size after a learned linear reduction; None keeps the backbone's channels.
     branch_dim: int | None = None
+    # Identity classifier (training only): "linear" logits, or "cosine" similarities to normalised
+    # class weights for a margin loss (CosFace, Wang et al. 2018).
+    classifier: str = "linear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -52,11 +55,34 @@ class ReIDTrainOutput:
     logits: dict[str, torch.Tensor]  # branch name -> (B, num_classes); empty without classifier
 
 
+class CosineClassifier(nn.Module):
+    """Cosine similarity of the normalised features to each class's normalised weight vector."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(classes, features))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 even under autocast: a margin of 0.35 on bf16 cosines (8-bit mantissa) is coarse.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+
+
+CLASSIFIERS = ("linear", "cosine")
+
+
 class Branch(nn.Module):
     """One branch: its own copy of the last stage, pooling, reduction, BN neck, classifier."""
 
     def __init__(
-        self, stage: nn.Module, pool: nn.Module, channels: int, dim: int | None, classes: int
+        self,
+        stage: nn.Module,
+        pool: nn.Module,
+        channels: int,
+        dim: int | None,
+        classes: int,
+        classifier: str = "linear",
     ) -> None:
         super().__init__()
         self.stage = stage
@@ -65,7 +91,11 @@ class Branch(nn.Module):
         out = dim or channels
         self.neck = nn.BatchNorm1d(out)
         self.neck.bias.requires_grad_(False)  # BNNeck (Luo et al.): no shift before the classifier
-        self.classifier = nn.Linear(out, classes, bias=False) if classes else None
+        self.classifier: nn.Module | None = None
+        if classes and classifier == "cosine":
+            self.classifier = CosineClassifier(out, classes)
+        elif classes:
+            self.classifier = nn.Linear(out, classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.reduce(self.pool(self.stage(x)).flatten(1))
@@ -77,21 +107,17 @@ class ReIDNet(nn.Module):
 
     def __init__(self, config: ReIDNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
+        if config.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {config.classifier!r}")
         self.config = config
         parts = build_backbone(config.backbone, init_weights=init_weights, last_stride=config.last_stride)
         self.normalize = Normalize(config.mean, config.std)
         self.trunk = parts.trunk
-        dim, classes = config.branch_dim, config.num_classes
+        head = (parts.channels, config.branch_dim, config.num_classes, config.classifier)
         self.branches = nn.ModuleDict(
             {
-                "avg": Branch(parts.last_stage, nn.AdaptiveAvgPool2d(1), parts.channels, dim, classes),
-                "max": Branch(
-                    copy.deepcopy(parts.last_stage),
-                    nn.AdaptiveMaxPool2d(1),
-                    parts.channels,
-                    dim,
-                    classes,
-                ),
+                "avg": Branch(parts.last_stage, nn.AdaptiveAvgPool2d(1), *head),
+                "max": Branch(copy.deepcopy(parts.last_stage), nn.AdaptiveMaxPool2d(1), *head),
             }
         )
 

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from training.losses import batch_hard_triplet_loss, identity_loss, pairwise_distances, triplet_loss
+from training.losses import (
+    batch_hard_triplet_loss,
+    cosface_loss,
+    identity_loss,
+    pairwise_distances,
+    triplet_loss,
+)
 
 
 def test_report_triplet_squared_euclidean_margin_10():
@@ -50,3 +56,19 @@ def test_identity_loss_and_label_smoothing():
     assert identity_loss(logits, label).item() == pytest.approx(-math.log(0.75))
     smoothed = 0.9 * -math.log(0.75) + 0.1 * 0.5 * (-math.log(0.25) - math.log(0.75))
     assert identity_loss(logits, label, label_smoothing=0.1).item() == pytest.approx(smoothed)
+
+
+def test_cosface_subtracts_the_margin_from_the_true_class_only():
+    cosines = torch.tensor([[0.5, 0.2], [0.1, 0.9]])
+    labels = torch.tensor([0, 1])
+    s, m = 10.0, 0.35
+    # sample 0: logits s * (0.5 - m, 0.2); sample 1: s * (0.1, 0.9 - m)
+    expected = 0.5 * (
+        -math.log(math.exp(s * 0.15) / (math.exp(s * 0.15) + math.exp(s * 0.2)))
+        - math.log(math.exp(s * 0.55) / (math.exp(s * 0.1) + math.exp(s * 0.55)))
+    )
+    assert cosface_loss(cosines, labels, scale=s, margin=m).item() == pytest.approx(expected, rel=1e-5)
+    # no margin: plain cross-entropy of the scaled cosines
+    plain = identity_loss(s * cosines, labels)
+    assert cosface_loss(cosines, labels, scale=s, margin=0.0).item() == pytest.approx(plain.item())
+    assert cosface_loss(cosines, labels, scale=s, margin=m) > plain

@@ -41,6 +41,8 @@ def test_recipes():
     assert again == modern
     with pytest.raises(KeyError, match="available"):
         ReIDTrainConfig.from_recipe("nope")
+    with pytest.raises(ValueError, match="classifier must be one of linear, cosine"):
+        ReIDTrainConfig.from_recipe("modern", classifier="arcface")
 
 
 def test_data_is_identity_disjoint(data):
@@ -69,6 +71,12 @@ def test_step_losses(course_root, tmp_path, data, recipe):
     assert set(losses) == {"loss", *terms}
     total = 0.5 * sum(losses[t] for t in terms)
     torch.testing.assert_close(losses["loss"], total)
+
+    cosine = ReIDTask(config.replace(classifier="cosine"), data)
+    out = cosine.model.train()(cosine.augment(images))
+    assert all(v.abs().max() <= 1 + 1e-5 for v in out.logits.values())  # cosines, unscaled
+    losses = cosine.train_step(batch)
+    assert set(losses) == {"loss", *terms} and torch.isfinite(losses["loss"])
 
     no_id = ReIDTask(config.replace(id_loss=False), data, model=task.model)
     losses = no_id.train_step(batch)
@@ -155,7 +163,8 @@ def make_background_dataset(root, n_ids=30, images_per_id=8, seed=0):
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=95)
 
 
-def test_training_raises_validation_map(tmp_path):
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_training_raises_validation_map(tmp_path, classifier):
     from training.engine import Trainer
 
     make_background_dataset(tmp_path / "data")
@@ -176,6 +185,7 @@ def test_training_raises_validation_map(tmp_path):
         pad=2,
         patience=0,
         progress=False,
+        classifier=classifier,
     )
     data = load_reid_data(config, tmp_path / "run")
     task = ReIDTask(config, data)

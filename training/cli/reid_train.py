@@ -47,6 +47,9 @@ def _train_options(
     margin: float | None,
     id_loss: bool | None,
     label_smoothing: float | None,
+    classifier: str | None,
+    id_scale: float | None,
+    id_margin: float | None,
     p: int | None,
     k: int | None,
     branch_dim: int | None,
@@ -82,6 +85,9 @@ def _train_options(
         "margin": margin,
         "id_loss": id_loss,
         "label_smoothing": label_smoothing,
+        "classifier": classifier,
+        "id_scale": id_scale,
+        "id_margin": id_margin,
         "p": p,
         "k": k,
         "branch_dim": branch_dim,
@@ -168,6 +174,11 @@ def train_reid(
         bool | None, Opt("--id-loss/--no-id-loss", help="Identity cross-entropy terms.")
     ] = None,
     label_smoothing: Annotated[float | None, Opt(help="ID-loss label smoothing (modern 0.1).")] = None,
+    classifier: Annotated[
+        str | None, Opt(help="Identity classifier: linear (default) | cosine (CosFace margin loss).")
+    ] = None,
+    id_scale: Annotated[float | None, Opt(help="Cosine classifier's scale s (30).")] = None,
+    id_margin: Annotated[float | None, Opt(help="Cosine classifier's additive margin m (0.35).")] = None,
     p: Annotated[int | None, Opt("--p", help="Identities per P x K batch (16).")] = None,
     k: Annotated[int | None, Opt("--k", help="Images per identity in a P x K batch (4).")] = None,
     branch_dim: Annotated[int | None, Opt(help="Reduce each branch to this size (embedding = 2x).")] = None,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.nets.reid import ReIDNet, ReIDNetConfig
+from app.nets.reid import CLASSIFIERS, ReIDNet, ReIDNetConfig
 from app.retrieval import QE_NEIGHBOURS
 from training.config import TrainConfig
 from training.data.cache import cached_images
@@ -44,7 +44,7 @@ from training.data.samplers import PKSampler, TripletSampler
 from training.data.transforms import BatchAugment, to_model_input
 from training.engine import Batches
 from training.evaluation.reid import ReIDEvaluator
-from training.losses import batch_hard_triplet_loss, identity_loss, triplet_loss
+from training.losses import batch_hard_triplet_loss, cosface_loss, identity_loss, triplet_loss
 from training.tasks.reid_data import DISTRACTOR_PID, ReIDData
 
 TRIPLETS = ("report", "batch_hard")
@@ -99,6 +99,11 @@ class ReIDTrainConfig(TrainConfig):
     loss_lambda: float = 0.5
     id_loss: bool = True
     label_smoothing: float = 0.0
+    # Identity classifier: linear logits (BoT) or cosine with an additive margin (CosFace; scale s,
+    # margin m); training only, so the exported network and its speed are the same either way.
+    classifier: str = "linear"
+    id_scale: float = 30.0
+    id_margin: float = 0.35
     p: int = 16  # identities per batch (batch_hard)
     k: int = 4  # images per identity (batch_hard)
     branch_dim: int | None = None  # per-branch embedding size after a learned reduction
@@ -128,6 +133,10 @@ class ReIDTrainConfig(TrainConfig):
             raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
+        if self.id_scale <= 0 or self.id_margin < 0:
+            raise ValueError(f"need id_scale > 0 and id_margin >= 0, got {self.id_scale}, {self.id_margin}")
         if self.triplet == "batch_hard":
             self.batch_size = self.p * self.k
         if self.distractor_every < 1:
@@ -217,6 +226,7 @@ class ReIDTask:
                 num_classes=len(self.classes),
                 last_stride=config.last_stride,
                 branch_dim=config.branch_dim,
+                classifier=config.classifier,
             ),
             init_weights=config.init_weights,
         )
@@ -263,9 +273,16 @@ class ReIDTask:
         labels = labels.to(self.device, non_blocking=True)
         out = self.model(x)
         losses = self.triplet_losses(out.features, labels)
-        if self.config.id_loss:
+        cfg = self.config
+        if cfg.id_loss:
             for name, logits in out.logits.items():
-                losses[f"id_{name}"] = identity_loss(logits, labels, self.config.label_smoothing)
+                if cfg.classifier == "cosine":
+                    losses[f"id_{name}"] = cosface_loss(
+                        logits, labels, scale=cfg.id_scale, margin=cfg.id_margin,
+                        label_smoothing=cfg.label_smoothing,
+                    )  # fmt: skip
+                else:
+                    losses[f"id_{name}"] = identity_loss(logits, labels, cfg.label_smoothing)
         losses["loss"] = self.config.loss_lambda * torch.stack(list(losses.values())).sum()
         return losses
 
