@@ -38,9 +38,15 @@ class EmbeddingSpec(BaseModel):
 
 
 class GallerySideSpec(BaseModel):
-    """Gallery-side augmentation of the expanded query's shortlist (``app.retrieval``) as validated for
-    this bundle, with the threshold of the scores it gives."""
+    """Gallery-side augmentation of the query's pool (``app.retrieval``) as validated for this bundle,
+    with the threshold of the scores it gives."""
 
+    # Absent from manifests recorded before 2026-12-02, which were validated expanding the query first.
+    order: Literal["augment_first", "expand_first"] = Field(
+        default="expand_first",
+        description="augment_first: the pool's entries are augmented, then the query is expanded with "
+        "them; expand_first: the query is expanded with raw entries, then its shortlist rescored",
+    )
     neighbours: int = Field(gt=0, description="other entries averaged into each candidate")
     alpha: float = Field(ge=0, description="their weights are similarity**alpha")
     weight: float = Field(ge=0, le=1, description="share of the neighbourhood in a candidate's score")
@@ -110,7 +116,10 @@ class Manifest(BaseModel):
 
     @property
     def version(self) -> str:
-        """A short, stable identifier of these exact weights."""
+        """A short, stable identifier of these exact weights (and of a test-time flip, which changes
+        every embedding they give)."""
+        if self.architecture.get("flip_average"):
+            return hashlib.sha256(f"{self.weights_sha256}+flip".encode()).hexdigest()[:12]
         return self.weights_sha256[:12]
 
 

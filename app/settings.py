@@ -173,9 +173,9 @@ class Settings(BaseSettings):
 
     gallery_side: bool = Field(
         default=True,
-        description="Rescore the expanded query's best candidates with their own neighbourhoods in the "
-        "gallery, where the re-ID bundle's manifest validated it (its 'query_expansion.gallery_side'); "
-        "false: query expansion alone.",
+        description="Score the query's best candidates with their own neighbourhoods in the gallery "
+        "(gallery-side augmentation, in the order and with the parameters the re-ID bundle's manifest "
+        "validated: its 'query_expansion.gallery_side'); false: query expansion alone.",
     )
 
     # Server (``reid-serve --host/--port`` override these)

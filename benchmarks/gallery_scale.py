@@ -15,8 +15,8 @@ the real ``Gallery`` opens it three times, each in a process of its own:
    ``Gallery.search_vector`` (the filters' SQL, the index, the matches' rows: what an HTTP query costs
    past inference), top 10, unfiltered and with a narrow (one camera in a 13.4-hour window: 0.1%) and a
    broad (6 of 20 cameras: 30%) filter; p50/p99 and recall@10 against exact search over the same
-   admitted vectors; then unfiltered with the query expansion and the gallery-side rescoring the
-   re-ID bundle validated (``query_paths``: the service's default path).
+   admitted vectors; then unfiltered with the query expansion and the gallery-side augmentation the
+   re-ID bundle validated (``query_paths``: the service's default path, and the previous one).
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/gallery_scale.py --entries 100000 --json
 
@@ -242,13 +242,19 @@ def warm(url: str, folder: Path, build_threads: int, milvus: str | None) -> dict
     return result
 
 
+# The gallery-side path recorded before 2026-12-02 (docs/models.md), timed beside the default.
+EXPAND_FIRST = {"order": "expand_first", "neighbours": 10, "alpha": 5.0, "shortlist": 100}
+
+
 def query_paths(gallery, q: np.ndarray) -> dict:
-    """p50/p99 of unfiltered top-10 searches with the query expansion, and with gallery-side rescoring
-    of the shortlist on top, where the re-ID bundle validated them (the service's default path)."""
+    """p50/p99 of unfiltered top-10 searches with the query expansion alone, with the gallery-side
+    augmentation the re-ID bundle validated (the service's default path) and with the previous
+    expand-first rescoring, where the bundle validated them."""
     rescoring, out = gallery.gallery_side, {}
-    for name, side in (("expanded", None), ("gallery_side", rescoring)):
-        if not gallery.expansion or (name == "gallery_side" and side is None):
-            continue
+    paths = [("expanded", None)]
+    if rescoring is not None:
+        paths += [("gallery_side", rescoring), ("expand_first", rescoring.model_copy(update=EXPAND_FIRST))]
+    for name, side in paths if gallery.expansion else []:
         gallery.gallery_side = side
         times = []
         for vector in q:

@@ -7,6 +7,9 @@ the same run as the baseline. Prints a markdown table.
 
     .venv/bin/python benchmarks/model_speed.py --bundle models_store/attributes --bundle models_store/reid
     .venv/bin/python benchmarks/model_speed.py --arch reid:osnet_x0_25:128x64 --arch reid:osnet_x0_25:256x128
+    # bundles' ONNX graphs on ONNX Runtime too (what the service runs), same batch and threads
+    .venv/bin/python benchmarks/model_speed.py --onnx --bundle models_store/reid \
+        --bundle models_store/reid-flip
 """
 
 from __future__ import annotations
@@ -55,6 +58,35 @@ def crops_per_second(model: nn.Module, size: tuple[int, int], batch: int, repeat
     return batch / statistics.median(times)
 
 
+def onnx_crops_per_second(
+    directory: str, size: tuple[int, int], batch: int, threads: int, repeats: int
+) -> float:
+    """Batch / median time of the bundle's ONNX graph on ONNX Runtime over ``batch`` uint8 crops."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from app.bundle import read_manifest
+
+    manifest = read_manifest(directory)
+    if manifest.onnx is None:
+        return float("nan")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(
+        str(Path(directory) / manifest.onnx.file), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {
+        session.get_inputs()[0].name: np.random.default_rng(0).integers(0, 256, (batch, 3, *size), np.uint8)
+    }
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        session.run(None, feed)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", action="append", default=[], help="bundle directory (repeatable)")
@@ -62,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--onnx", action="store_true", help="also time each bundle's ONNX graph")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,6 +107,11 @@ def main() -> None:
         h, w = manifest.input_size
         name = f"bundle {Path(directory).name}: {manifest.task} {manifest.backbone} {h}x{w}"
         rows.append((name, crops_per_second(model, manifest.input_size, args.batch, args.repeats)))
+        if args.onnx:
+            rate = onnx_crops_per_second(
+                directory, manifest.input_size, args.batch, args.threads, args.repeats
+            )
+            rows.append((f"{name}, ONNX Runtime", rate))
 
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {cpu}")

@@ -6,6 +6,9 @@ not a test; docs/models.md, "What the query side can still give").
     python benchmarks/query_side.py dump models_store/reid /tmp/reid.npz --data-root $REID_DATA_ROOT
     # the table rows: plain, query expansion grid, track queries, shortlist re-ranking
     python benchmarks/query_side.py score /tmp/reid.npz [--flip] [--rerank 200,10,3,0.3 ...]
+    # the service's gallery-side query path (app.retrieval.rescore_shortlists), one point each:
+    # ORDER,NEIGHBOURS,ALPHA,WEIGHT[,SHORTLIST,POOL,EXPANSION]
+    python benchmarks/query_side.py score /tmp/reid.npz --path augment_first,5,3,0.75
     # k-reciprocal re-ranking over the whole gallery, as predict-reid --rerank (one grid point each)
     python benchmarks/query_side.py score /tmp/reid.npz --flip --full-rerank 20,6,0.3
     # two bundles' embeddings concatenated (the second weighted w): an ensemble's ceiling
@@ -117,7 +120,7 @@ def score(args: argparse.Namespace) -> None:
 
     def report(name: str, dist: np.ndarray) -> None:
         r = evaluate_ranking(dist, pids[q], pids[g], cams[q], cams[g], max_rank=10)
-        print(f"{name:40} mAP {r['mAP']:.4f}  rank-1 {r['rank1']:.4f}", flush=True)
+        print(f"{name:40} mAP {r['mAP']:.4f}  rank-1 {r['rank1']:.4f}  mINP {r['mINP']:.4f}", flush=True)
 
     tracks = track_embeddings(f, pids, cams, q)
     for spec in args.dba:
@@ -140,6 +143,21 @@ def score(args: argparse.Namespace) -> None:
         for k, alpha in ((3, 1.0), (5, 3.0)):
             expanded = expand_against(queries, f[g], k=k, alpha=alpha)
             report(f"{label}query expansion {k}, sim^{alpha:g}", 1 - expanded @ f[g].T)
+    for spec in args.path:
+        from app.retrieval import GS_POOL, GS_SHORTLIST, QE_NEIGHBOURS, rescore_shortlists
+
+        order, k, alpha, weight, *rest = spec.split(",")
+        shortlist, pool, expansion = [int(v) for v in rest] + [GS_SHORTLIST, GS_POOL, QE_NEIGHBOURS][
+            len(rest) :
+        ]
+        start = time.perf_counter()
+        scores, inside, _ = rescore_shortlists(
+            f[q], f[g], order=order, neighbours=int(k), alpha=float(alpha), weight=float(weight),
+            shortlist=shortlist, pool=pool, expansion=expansion,
+        )  # fmt: skip
+        ms = 1e3 * (time.perf_counter() - start) / len(q)
+        report(f"{order} {k},{alpha},{weight} {shortlist}/{pool}, QE {expansion} ({ms:.0f} ms/q)",
+               np.where(inside, 1.0 - scores, 3.0 - scores))  # fmt: skip
     for spec in args.rerank:
         n, k1, k2, lam = spec.split(",")
         start = time.perf_counter()
@@ -171,6 +189,7 @@ def main() -> None:
     s.add_argument("--rerank", action="append", default=[], metavar="N,K1,K2,LAMBDA")
     s.add_argument("--dba", action="append", default=[], metavar="K,ALPHA[,SHORTLIST...]")
     s.add_argument("--full-rerank", action="append", default=[], metavar="K1,K2,LAMBDA")
+    s.add_argument("--path", action="append", default=[], metavar="ORDER,K,ALPHA,WEIGHT[,SHORTLIST,POOL,QE]")
     args = parser.parse_args()
     if args.command == "dump":
         dump(args.bundle, args.out, args.data_root, args.cache_dir, args.threads)

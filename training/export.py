@@ -224,3 +224,72 @@ def export_run(
     _, loaded = load_bundle(directory)  # what the torch runtime will do: manifest, checksum, weights
     add_onnx(directory, net=loaded)  # what ONNX Runtime will run, checked against the weights just saved
     return directory
+
+
+def flip_bundle(
+    source: str | Path,
+    *,
+    store: str | Path = DEFAULT_STORE,
+    name: str,
+    force: bool = False,
+    command: str | None = None,
+    metrics_from: str | Path | None = None,
+) -> Path:
+    """``<store>/<name>/``: the re-ID bundle ``source`` with test-time flip on (``flip_average``: its
+    ONNX graph embeds each crop and its mirror image); returns it.
+
+    The same weights give other embeddings, so the bundle has a version of its own and none of the
+    source's validation: evaluate it (``evaluate-reid --record``), or, for a bundle trained on every
+    identity, carry that of the flipped split bundle (``metrics_from``), as export does.
+    """
+    import shutil
+
+    from app.bundle import MANIFEST, read_manifest, write_manifest
+
+    source = Path(source)
+    manifest = read_manifest(source)
+    if manifest.task != "reid":
+        raise ExportError(f"{source} is a {manifest.task} bundle; test-time flip is for re-ID bundles")
+    if manifest.architecture.get("flip_average"):
+        raise ExportError(f"{source} already embeds with test-time flip")
+    trained_all = bool(manifest.training_config.get("train_all"))
+    split = read_manifest(Path(metrics_from)) if metrics_from is not None else None
+    if trained_all and split is None:
+        raise ExportError(
+            f"{source} was trained on every identity: pass --metrics-from the flipped bundle of the "
+            "same recipe's split run, whose validation it carries"
+        )
+    if split is not None and not split.architecture.get("flip_average"):
+        raise ExportError(f"--metrics-from {metrics_from} does not embed with test-time flip")
+    directory = Path(store) / name
+    if (directory / MANIFEST).exists() and not force:
+        raise ExportError(f"{directory} already holds a bundle; pass --force to replace it")
+    if directory.resolve() == source.resolve():
+        raise ExportError("flip-bundle writes a new bundle; choose another --name or --store")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / manifest.weights_file, directory / manifest.weights_file)
+    borrowed: dict[str, Any] = {"metrics": {}, "match_threshold": None, "query_expansion": None}
+    if split is not None:
+        borrowed = {
+            "metrics": {
+                **split.metrics,
+                **{k: manifest.metrics[k] for k in ("trained_on", "identities") if k in manifest.metrics},
+                "metrics_from": f"{split.name} {split.version}",
+            },
+            "match_threshold": split.match_threshold,
+            "query_expansion": split.query_expansion,
+        }
+    flipped = manifest.model_copy(
+        update={
+            "name": directory.name,
+            "architecture": {**manifest.architecture, "flip_average": True},
+            "command": command
+            if command is not None
+            else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "onnx": None,
+            **borrowed,
+        }
+    )
+    write_manifest(directory, flipped)
+    add_onnx(directory)  # from the bundle as the runtimes will load it: flip included
+    return directory

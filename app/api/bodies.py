@@ -63,7 +63,7 @@ class ReIDModelRef(ModelRef):
     )
     gallery_side: bool = Field(
         default=False,
-        description="Whether the best candidates were rescored with their own neighbourhoods in the "
+        description="Whether the best candidates were scored with their own neighbourhoods in the "
         "gallery (gallery-side augmentation, validated with the query expansion).",
     )
 

@@ -46,7 +46,7 @@ from app.gallery.index import EXACT_MAX, GalleryIndex
 from app.gallery.store import EntryRecord, NewEntry, SearchFilters
 from app.inference import Models
 from app.metrics import ServiceMetrics
-from app.retrieval import QE_ALPHA, expand_queries, rescore_pool
+from app.retrieval import QE_ALPHA, augment_then_expand, expand_queries, rescore_pool
 
 if TYPE_CHECKING:
     from app.gallery.milvus_index import MilvusIndex
@@ -747,12 +747,14 @@ class Gallery:
     ) -> tuple[int, list[dict[str, Any]]]:
         """(number of candidates after filters, best matches highest first).
 
-        With query expansion on (and ``expand``), the query first takes in its nearest neighbours among
-        the entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
+        With query expansion on (and ``expand``), the query takes in its nearest neighbours among the
+        entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
         query, judged by the threshold validated for them. Where the bundle validated gallery-side
-        augmentation too, the top ``max(k, shortlist)`` candidates are rescored with their own
-        neighbourhoods among the query's top ``max(k, pool)`` (``app.retrieval.rescore_pool``) and
-        re-sorted.
+        augmentation too, the query's top ``max(k, pool)`` entries are augmented with their own
+        neighbourhoods among them and the top ``max(k, shortlist)`` rescored and re-sorted: in the
+        manifest's order, before the query is expanded with the augmented entries
+        (``app.retrieval.augment_then_expand``) or after it was expanded with raw ones
+        (``app.retrieval.rescore_pool``).
 
         Matches are plain dicts with the fields of ``app.api.bodies.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
@@ -771,7 +773,9 @@ class Gallery:
                 where = filters
                 candidates = self.index.count(collection, filters)
             neighbours, threshold = self.query_settings(expand)
-            if neighbours:
+            rescore = self.gallery_side if expand and neighbours else None
+            # "augment_first" expands the query inside the rescoring, with augmented entries
+            if neighbours and (rescore is None or rescore.order == "expand_first"):
                 sims, near = self.index.search(collection, vector, neighbours, allowed=allowed, where=where)
                 try:
                     stacked = self.index.vectors(collection, near) if len(near) else None
@@ -781,7 +785,6 @@ class Gallery:
                     vector = expand_queries(
                         vector[None], stacked[None], sims[None], alpha=self.expansion_alpha
                     )[0]
-            rescore = self.gallery_side if expand and neighbours else None
             k = top_k if group_by == "entry" else 4 * top_k
             while True:
                 fetch = max(k, rescore.pool) if rescore is not None else k
@@ -819,27 +822,34 @@ class Gallery:
     def _rescored(
         self, collection: str, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, spec: Any, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``ids`` (the expanded query's pool, best first) with the top ``max(k, shortlist)`` re-sorted by
-        gallery-side augmented scores; unchanged if one was deleted meanwhile."""
+        """``ids`` (the query's pool, best first) with the top ``max(k, shortlist)`` re-sorted by their
+        gallery-side augmented scores (``spec.order``: ``app.retrieval``); the rest scored for the
+        expanded query after them. Unchanged if an entry was deleted meanwhile."""
         if len(ids) == 0:
             return scores, ids
         try:
             pool = self.index.vectors(collection, ids)
-        except KeyError:  # an entry deleted since the search: keep the expanded query's ranking
+        except KeyError:  # an entry deleted since the search: keep the search's ranking
             return scores, ids
-        new = rescore_pool(
-            vector,
-            pool,
-            shortlist=max(k, spec.shortlist),
-            neighbours=spec.neighbours,
-            alpha=spec.alpha,
-            weight=spec.weight,
-        )
+        options = {
+            "shortlist": max(k, spec.shortlist),
+            "neighbours": spec.neighbours,
+            "alpha": spec.alpha,
+            "weight": spec.weight,
+        }
+        if spec.order == "augment_first":
+            vector, new = augment_then_expand(
+                vector, pool, expansion=self.expansion, expansion_alpha=self.expansion_alpha, **options
+            )
+            scores = pool @ vector
+        else:
+            new = rescore_pool(vector, pool, **options)
         order = np.argsort(-new, kind="stable")
         n = len(new)
+        rest = np.argsort(-scores[n:], kind="stable") + n
         return (
-            np.concatenate([new[order].astype(np.float32), scores[n:]]),
-            np.concatenate([ids[:n][order], ids[n:]]),
+            np.concatenate([new[order], scores[rest]]).astype(np.float32),
+            np.concatenate([ids[:n][order], ids[rest]]),
         )
 
     # -- deletion -----------------------------------------------------------------------------------

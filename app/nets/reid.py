@@ -31,6 +31,9 @@ class ReIDNetConfig:
     # Identity classifier (training only): "linear" logits, or "cosine" similarities to normalised
     # class weights for a margin loss (CosFace, Wang et al. 2018).
     classifier: str = "linear"
+    # Test-time flip: the embedding is the normalised mean of the crop's and its mirror image's (twice
+    # the inference cost; a bundle option, ``reid-train flip-bundle``).
+    flip_average: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -129,10 +132,17 @@ class ReIDNet(nn.Module):
         return self.branches["avg"].neck.num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | ReIDTrainOutput:
+        flip = self.config.flip_average and not self.training
+        if flip:  # crops and their mirror images in one pass
+            images = torch.cat([images, images.flip(-1)])
         shared = self.trunk(self.normalize(images))
         outputs = {name: branch(shared) for name, branch in self.branches.items()}
         if not self.training:
-            return F.normalize(torch.cat([neck for _, neck in outputs.values()], dim=1), dim=1)
+            embedding = F.normalize(torch.cat([neck for _, neck in outputs.values()], dim=1), dim=1)
+            if flip:
+                plain, mirrored = embedding.chunk(2)
+                embedding = F.normalize(plain + mirrored, dim=1)
+            return embedding
         features = {name: feat for name, (feat, _) in outputs.items()}
         logits = {
             name: branch.classifier(outputs[name][1])

@@ -28,14 +28,24 @@ from tests.service.helpers import (
 SPEC = {"neighbours": 3, "alpha": 1.0, "weight": 0.75, "shortlist": 6, "pool": 50, "match_threshold": 0.97}
 
 
-@pytest.fixture(scope="module")
-def validated(bundles, tmp_path_factory) -> Bundles:
-    """The test re-ID bundle with query expansion and gallery-side augmentation recorded."""
-    reid = shutil.copytree(bundles.reid, tmp_path_factory.mktemp("gs") / "reid")
+def recorded(bundles, folder, spec) -> Bundles:
+    """The test re-ID bundle with query expansion and gallery-side augmentation ``spec`` recorded."""
+    reid = shutil.copytree(bundles.reid, folder / "reid")
     manifest = json.loads((reid / MANIFEST).read_text())
-    manifest["query_expansion"] = {"neighbours": 2, "match_threshold": 0.95, "gallery_side": SPEC}
+    manifest["query_expansion"] = {"neighbours": 2, "match_threshold": 0.95, "gallery_side": spec}
     (reid / MANIFEST).write_text(json.dumps(manifest))
     return Bundles(bundles.attributes, reid)
+
+
+@pytest.fixture(scope="module")
+def validated(bundles, tmp_path_factory) -> Bundles:
+    """As recorded before 2026-12-02: no order in the spec, so the query is expanded first."""
+    return recorded(bundles, tmp_path_factory.mktemp("gs"), SPEC)
+
+
+@pytest.fixture(scope="module")
+def augment_first(bundles, tmp_path_factory) -> Bundles:
+    return recorded(bundles, tmp_path_factory.mktemp("gs-first"), {**SPEC, "order": "augment_first"})
 
 
 def ask(client, blob: bytes, **data) -> dict:
@@ -82,6 +92,45 @@ def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, vali
     assert [m["entry_id"] for m in matches] == best
     np.testing.assert_allclose([m["score"] for m in matches], [expected[i] for i in best], atol=1e-5)
     assert all(m["is_match"] == (m["score"] >= SPEC["match_threshold"]) for m in matches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augment_first_expands_with_augmented_entries_as_a_brute_force_computation_does(
+    backend, augment_first, tmp_path, people
+):
+    """The plain query's pool (all 24 entries), each augmented with its 3 nearest others (sim^1); the
+    first max(top_k, 6) scored 0.25 x own + 0.75 x augmented similarity, the query expanded with the 2
+    best of them (weights score^3), the 6 scored again and returned best first."""
+    overrides = backend_settings(backend, tmp_path)
+    settings = make_settings(augment_first, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
+    with TestClient(create_app(settings)) as client:
+        ids = populate(client, people)
+        gallery = client.app.state.gallery
+        vectors = gallery.index.vectors("default", ids)
+        _, matches = gallery.search_vector(
+            collection="default", vector=vectors[5], top_k=4, filters=SearchFilters()
+        )
+    query = vectors[5]
+    shortlist = np.argsort(-(vectors @ query))[:6]
+    between = vectors @ vectors.T
+    np.fill_diagonal(between, -np.inf)
+    augmented = {}
+    for i in shortlist:
+        others = np.argsort(-between[i])[:3]
+        augmented[i] = expand_queries(
+            vectors[i][None], vectors[others][None], between[i, others][None], alpha=1.0
+        )[0]
+
+    def score(q: np.ndarray, i: int) -> float:
+        return float(0.25 * vectors[i] @ q + 0.75 * augmented[i] @ q)
+
+    first = sorted(shortlist, key=lambda i: -score(query, i))[:2]
+    weights = np.array([score(query, i) for i in first]) ** 3
+    expanded = query + weights @ np.array([augmented[i] for i in first])
+    expanded /= np.linalg.norm(expanded)
+    best = sorted(shortlist, key=lambda i: -score(expanded, i))[:4]
+    assert [m["entry_id"] for m in matches] == [int(ids[i]) for i in best]
+    np.testing.assert_allclose([m["score"] for m in matches], [score(expanded, i) for i in best], atol=1e-5)
 
 
 def test_the_bundle_decides_and_a_setting_or_the_form_field_turns_it_off(validated, tmp_path, people):

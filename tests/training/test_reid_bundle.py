@@ -65,3 +65,45 @@ def test_final_metrics_preferred(run_dir, tmp_path):
     assert manifest.name == "reid"
     assert manifest.match_threshold == pytest.approx(0.66) and manifest.metrics["mAP"] == 0.55
     assert "cmc" not in manifest.metrics and manifest.metrics["protocol"] == {"queries": 9}
+
+
+def test_flip_bundle_embeds_each_crop_with_its_mirror_image_under_a_version_of_its_own(run_dir, tmp_path):
+    import onnxruntime as ort
+
+    from training.export import ExportError, flip_bundle
+
+    run, net = run_dir
+    store = tmp_path / "store"
+    plain = read_manifest(export_run(run, store=store, name="reid"))
+    directory = flip_bundle(store / "reid", store=store, name="reid-flip")
+    flipped, loaded = load_bundle(directory)
+    assert flipped.architecture["flip_average"] and flipped.version != plain.version
+    assert flipped.weights_sha256 == plain.weights_sha256  # the same weights
+    assert flipped.metrics == {} and flipped.match_threshold is None  # validation is measured anew
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        net.eval()
+        expected = torch.nn.functional.normalize(net(x) + net(x.flip(-1)), dim=1)
+        torch.testing.assert_close(loaded(x), expected)
+    session = ort.InferenceSession(str(directory / flipped.onnx.file), providers=["CPUExecutionProvider"])
+    (graph,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(graph), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ExportError, match="already embeds with test-time flip"):
+        flip_bundle(directory, store=store, name="twice")
+    with pytest.raises(ExportError, match="already holds a bundle"):
+        flip_bundle(store / "reid", store=store, name="reid-flip")
+    # a bundle trained on every identity carries the flipped split bundle's validation
+    manifest_file = store / "reid" / "manifest.json"
+    data = json.loads(manifest_file.read_text())
+    data["training_config"]["train_all"] = True
+    manifest_file.write_text(json.dumps(data))
+    with pytest.raises(ExportError, match="--metrics-from the flipped bundle"):
+        flip_bundle(store / "reid", store=store, name="all-flip")
+    with pytest.raises(ExportError, match="does not embed with test-time flip"):
+        flip_bundle(store / "reid", store=store, name="all-flip", metrics_from=store / "reid")
+    data = json.loads((directory / "manifest.json").read_text())
+    data["metrics"], data["match_threshold"] = {"mAP": 0.42}, 0.5
+    (directory / "manifest.json").write_text(json.dumps(data))
+    every = read_manifest(flip_bundle(store / "reid", store=store, name="all-flip", metrics_from=directory))
+    assert every.metrics["mAP"] == 0.42 and every.match_threshold == 0.5
+    assert every.metrics["metrics_from"] == f"reid-flip {flipped.version}"

@@ -157,6 +157,23 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     assert gallery_side.match_threshold == pytest.approx(estimate["match_threshold_gallery_side"])
     assert again.metrics["mAP"] == split.metrics["mAP"]  # seen identities never overwrite the split's
     assert "unlabelled crops" in again.metrics["match_threshold_source"]
+    # a gallery-side path borrowed from an older evaluation gets no thresholds estimated for another
+    manifest_file = store / "all" / "manifest.json"
+    stale = json.loads(manifest_file.read_text())
+    stale["query_expansion"]["gallery_side"]["order"] = "expand_first"
+    manifest_file.write_text(json.dumps(stale))
+    refused = invoke(*args, "--record", "--distractors", tmp_path / "other" / "train")
+    assert refused.exit_code == 1 and "export this run again with --metrics-from" in refused.output
+
+
+def test_flip_bundle_command(reid_run, tmp_path):
+    store = tmp_path / "store"
+    assert invoke("export", reid_run, "--store", store, "--name", "split").exit_code == 0
+    result = invoke("flip-bundle", store / "split", "--name", "split-flip", "--store", store)
+    assert result.exit_code == 0 and "with test-time flip, version" in result.output, result.output
+    assert read_manifest(store / "split-flip").architecture["flip_average"]
+    again = invoke("flip-bundle", store / "split-flip", "--name", "twice", "--store", store)
+    assert again.exit_code == 1 and "already embeds with test-time flip" in again.output
 
 
 def test_ablation_table(course_root, tmp_path):

@@ -23,6 +23,7 @@ COMMANDS = (
     ("split", dataset.split),
     ("data-stats", dataset.data_stats),
     ("export", bundles.export),
+    ("flip-bundle", bundles.flip_bundle),
     ("add-onnx", bundles.add_onnx),
     ("predict-attributes", attributes.predict_attributes),
     ("train-reid", reid_train.train_reid),

@@ -1,4 +1,4 @@
-"""The bundle commands of ``reid-train``, for either task: export (run -> bundle) and add-onnx."""
+"""The bundle commands of ``reid-train``: export (run -> bundle), flip-bundle and add-onnx."""
 
 from __future__ import annotations
 
@@ -55,6 +55,36 @@ def export(
     typer.echo(f"{directory}: {manifest.task} bundle, {manifest.backbone}, version {manifest.version}")
     if manifest.onnx:
         typer.echo(f"  ONNX graph {manifest.onnx.file}: max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}")
+
+
+def flip_bundle(
+    source: Annotated[Path, typer.Argument(help="A re-ID bundle (e.g. models_store/reid).")],
+    name: Annotated[str, typer.Option(help="Name of the new bundle (e.g. reid-flip).")],
+    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    metrics_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bundles trained with --train-all: the flipped bundle of the same recipe's split run, "
+            "whose validation the new manifest carries."
+        ),
+    ] = None,
+) -> None:
+    """A re-ID bundle with test-time flip: each crop and its mirror image embedded and averaged (twice
+    the inference cost), as a new bundle version of the same weights; evaluate it with --record."""
+    from app.bundle import read_manifest
+    from training.export import flip_bundle as write_flipped
+
+    try:
+        directory = write_flipped(source, store=store, name=name, force=force, metrics_from=metrics_from)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    manifest = read_manifest(directory)
+    assert manifest.onnx is not None
+    typer.echo(
+        f"{directory}: re-ID bundle with test-time flip, version {manifest.version}; "
+        f"ONNX graph max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}"
+    )
 
 
 def add_onnx(

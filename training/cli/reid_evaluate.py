@@ -30,9 +30,10 @@ def print_metrics(val: dict[str, Any]) -> None:
         if "gallery_side" in qe:
             gs = qe["gallery_side"]
             typer.echo(
-                f"  + gallery-side rescoring of the top {gs['shortlist']} ({gs['neighbours']} neighbours, "
-                f"weight {gs['weight']:g}): rank-1 {gs['rank1']:.4f}, mAP {gs['mAP']:.4f}, "
-                f"mINP {gs['mINP']:.4f}; match threshold {gs['match_threshold']:.4f}"
+                f"  + gallery-side augmentation ({gs.get('order', 'expand_first')}) of the top "
+                f"{gs['shortlist']} ({gs['neighbours']} neighbours, weight {gs['weight']:g}): "
+                f"rank-1 {gs['rank1']:.4f}, mAP {gs['mAP']:.4f}, mINP {gs['mINP']:.4f}; "
+                f"match threshold {gs['match_threshold']:.4f}"
             )
     if "unlabelled_threshold" in val:
         est = val["unlabelled_threshold"]
@@ -146,7 +147,8 @@ def record_in_manifest(bundle: Path, results: list[dict[str, Any]]) -> Path:
         (m["unlabelled_threshold"] for m in by_name.values() if "unlabelled_threshold" in m), None
     )
     if manifest.training_config.get("train_all"):
-        return _record_thresholds(bundle, manifest, estimate)
+        evaluated = by_name["validation"].get("query_expansion", {}).get("gallery_side")
+        return _record_thresholds(bundle, manifest, estimate, evaluated)
     scalars = {
         name: {k: v for k, v in m.items() if isinstance(v, int | float)}
         for name, m in by_name.items()
@@ -163,9 +165,12 @@ def record_in_manifest(bundle: Path, results: list[dict[str, Any]]) -> Path:
     return bundle / MANIFEST
 
 
-def _record_thresholds(bundle: Path, manifest: Any, estimate: dict[str, Any] | None) -> Path:
+def _record_thresholds(
+    bundle: Path, manifest: Any, estimate: dict[str, Any] | None, evaluated: dict[str, Any] | None
+) -> Path:
     """A bundle trained on every identity keeps its split run's metrics; only its own thresholds,
-    estimated on the distractor crops, are recorded."""
+    estimated on the distractor crops, are recorded. They are estimated for this version's
+    gallery-side query path (``evaluated``), so the borrowed one must be the same."""
     from app.bundle import MANIFEST, write_manifest
 
     if estimate is None:
@@ -181,6 +186,14 @@ def _record_thresholds(bundle: Path, manifest: Any, estimate: dict[str, Any] | N
     if manifest.query_expansion is not None:
         qe_update: dict[str, Any] = {"match_threshold": estimate["match_threshold_expanded"]}
         gs = manifest.query_expansion.gallery_side
+        if gs is not None and evaluated is not None:
+            recorded = gs.model_dump(exclude={"match_threshold"})
+            if any(recorded[key] != evaluated.get(key) for key in recorded):
+                raise ValueError(
+                    f"{bundle} carries a gallery-side query path ({recorded}) other than the one this "
+                    f"version evaluates ({ {k: evaluated.get(k) for k in recorded} }): record the split "
+                    "run's bundle first, then export this run again with --metrics-from it"
+                )
         if gs is not None and "match_threshold_gallery_side" in estimate:
             qe_update["gallery_side"] = gs.model_copy(
                 update={"match_threshold": estimate["match_threshold_gallery_side"]}

@@ -177,14 +177,15 @@ def unlabelled_threshold(
     """The match threshold estimated on embeddings of unlabelled crops of many people.
 
     A seeded sample of ``queries`` crops is ranked against the rest (optionally after query
-    expansion against them, and with ``gallery_side`` every pair scored as the service scores the
-    entries it returns, ``app.retrieval.augmented_scores``) and every pair counts as an impostor.
+    expansion against them, and with ``gallery_side`` every pair scored as the service's default query
+    path scores the entries it returns, ``app.retrieval.augmented_scores`` of the queries it expands)
+    and every pair counts as an impostor.
     With 750 people of about 26 crops each (the course ``test/`` folder) about 0.13% of those pairs
     are the same person, mostly near the top, so the threshold sits where about 0.87% of true impostor
     pairs pass instead of 1%: slightly strict. On a bundle trained without those identities it can be
     compared with the labelled one.
     """
-    from app.retrieval import expand_against
+    from app.retrieval import QE_NEIGHBOURS, expand_against
 
     feats = np.asarray(features, dtype=np.float32)
     if len(feats) < 4:
@@ -193,13 +194,14 @@ def unlabelled_threshold(
     chosen = np.zeros(len(feats), dtype=bool)
     chosen[rng.choice(len(feats), min(queries, len(feats) // 2), replace=False)] = True
     query, gallery = feats[chosen], feats[~chosen]
-    if query_expansion:
-        query = expand_against(query, gallery, k=query_expansion)
-    if gallery_side:
-        from app.retrieval import augmented_scores
+    if gallery_side:  # the service's default query path (it expands the query itself)
+        from app.retrieval import augmented_scores, rescore_shortlists
 
-        flat = augmented_scores(query, gallery).ravel()
+        _, _, expanded = rescore_shortlists(query, gallery, expansion=query_expansion or QE_NEIGHBOURS)
+        flat = augmented_scores(expanded, gallery).ravel()
     else:
+        if query_expansion:
+            query = expand_against(query, gallery, k=query_expansion)
         flat = (query @ gallery.T).ravel()
     k = int(np.floor(false_match_rate * len(flat)))
     top = np.partition(flat, len(flat) - 1 - k)[len(flat) - 1 - k]  # the (k+1)-th largest
@@ -262,18 +264,20 @@ class ReIDEvaluator:
 
     def _gallery_side(
         self,
-        expanded: np.ndarray,
+        queries: np.ndarray,
         gallery: np.ndarray,
         q_pids: np.ndarray,
         g_pids: np.ndarray,
         q_camids: np.ndarray,
         g_camids: np.ndarray,
     ) -> dict[str, object]:
-        """Metrics and match threshold of the expanded queries' shortlists rescored with gallery-side
-        augmentation (``app.retrieval.rescore_shortlists``), as the service ranks them."""
+        """Metrics and match threshold of the service's default query path: gallery-side augmentation
+        of each query's pool and query expansion (``app.retrieval.rescore_shortlists``), as the
+        service ranks them; the threshold on every pair's augmented score for the expanded queries."""
         from app.retrieval import (
             GS_ALPHA,
             GS_NEIGHBOURS,
+            GS_ORDER,
             GS_POOL,
             GS_SHORTLIST,
             GS_WEIGHT,
@@ -281,7 +285,7 @@ class ReIDEvaluator:
             rescore_shortlists,
         )
 
-        scores, inside = rescore_shortlists(expanded, gallery)
+        scores, inside, expanded = rescore_shortlists(queries, gallery, expansion=self.query_expansion)
         ranked = evaluate_ranking(
             np.where(inside, 1.0 - scores, 3.0 - scores),  # the shortlist first, as the service returns it
             q_pids,
@@ -293,6 +297,7 @@ class ReIDEvaluator:
         thr = match_threshold(augmented_scores(expanded, gallery), q_pids, g_pids, q_camids, g_camids)
         return {
             **{k: v for k, v in ranked.items() if k != "cmc"},
+            "order": GS_ORDER,
             "neighbours": GS_NEIGHBOURS,
             "alpha": GS_ALPHA,
             "weight": GS_WEIGHT,
@@ -332,7 +337,7 @@ class ReIDEvaluator:
             }
             if self.gallery_side:
                 metrics["query_expansion"]["gallery_side"] = self._gallery_side(
-                    expanded, gallery, pids[q], pids[g], camids[q], camids[g]
+                    feats[q].numpy(), gallery, pids[q], pids[g], camids[q], camids[g]
                 )
         if self.track_queries:
             tracks = track_embeddings(feats.numpy(), pids, camids, q)

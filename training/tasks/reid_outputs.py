@@ -282,7 +282,7 @@ def query_expansion_spec(validation: dict[str, Any], **protocols: dict[str, Any]
         gs = qe["gallery_side"]
         spec["gallery_side"] = {
             key: gs[key]
-            for key in ("neighbours", "alpha", "weight", "shortlist", "pool", "match_threshold")
+            for key in ("order", "neighbours", "alpha", "weight", "shortlist", "pool", "match_threshold")
             if key in gs
         }
     return spec
