@@ -14,6 +14,8 @@
 #               models_store/reid (needs reid-all first)                -> models_store/attributes
 #   attributes-fast, attributes-fast-all  the 128x64 recipe from reid-fast's bundle, on the split and
 #               on every identity                                       -> models_store/attributes-128x64
+#   export      every bundle, with the distractor validation recorded (also models_store/reid-flip,
+#               the shipped reid with test-time flip)
 #
 # Every step is resumable: run the script again after an interruption and it continues from the run's
 # last.pt. On a 2-core CPU each run uses one torch thread and the two re-ID runs go side by side (two
@@ -110,6 +112,12 @@ export_bundles() {
   # uses go into the re-ID manifests here.
   evaluate_and_record models_store/reid
   evaluate_and_record models_store/reid-128x64
+  # Test-time flip as a bundle of its own (the same weights, twice the embedding cost): the split
+  # bundle flipped and evaluated, then the shipped one flipped, carrying that validation.
+  reid-train flip-bundle "$RUNS/bundles/reid-split" --store "$RUNS/bundles" --name reid-split-flip --force
+  evaluate_and_record "$RUNS/bundles/reid-split-flip"
+  reid-train flip-bundle models_store/reid --name reid-flip --metrics-from "$RUNS/bundles/reid-split-flip" --force
+  evaluate_and_record models_store/reid-flip
 }
 
 case "${1:-all}" in
