@@ -67,6 +67,11 @@ GS_SHORTLIST = 500
 GS_POOL = 500
 
 
+def _blend(candidates: np.ndarray, augmented: np.ndarray, query: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) x each candidate's similarity to ``query`` + weight x its augmented vector's."""
+    return (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
+
+
 def neighbourhood_scores(
     query: np.ndarray,
     candidates: np.ndarray,
@@ -83,7 +88,7 @@ def neighbourhood_scores(
     query = np.asarray(query, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
     augmented = expand_queries(candidates, neighbours, similarities, alpha=alpha)
-    return (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
+    return _blend(candidates, augmented, query, weight)
 
 
 def _nearest_others(rows: np.ndarray, pool: np.ndarray, start: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +129,7 @@ def rescore_pool(
     candidates, augmented = _augmented_candidates(
         np.asarray(pool, dtype=np.float32), shortlist, neighbours, alpha
     )
-    return (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
+    return _blend(candidates, augmented, query, weight)
 
 
 def augment_then_expand(
@@ -147,14 +152,13 @@ def augment_then_expand(
     candidates, augmented = _augmented_candidates(
         np.asarray(pool, dtype=np.float32), shortlist, neighbours, alpha
     )
-    first = (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
+    first = _blend(candidates, augmented, query, weight)
     k = min(expansion, len(first))
     if k > 0:
         best = np.argpartition(-first, k - 1)[:k]
-        query = expand_queries(query[None], augmented[best][None], first[best][None], alpha=expansion_alpha)[
-            0
-        ]
-    return query, (1.0 - weight) * (candidates @ query) + weight * (augmented @ query)
+        neighbours_, weights = augmented[best][None], first[best][None]
+        query = expand_queries(query[None], neighbours_, weights, alpha=expansion_alpha)[0]
+    return query, _blend(candidates, augmented, query, weight)
 
 
 def rescore_shortlists(

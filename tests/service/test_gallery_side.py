@@ -63,12 +63,11 @@ def populate(client, people) -> np.ndarray:
     return np.sort(ids)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, validated, tmp_path, people):
-    """Query expansion (2 neighbours, sim^3), then the top max(top_k, 6) rescored with their 3 nearest
-    other entries of the pool (all 24 entries here), weights sim^1, weight 0.75."""
+def search_an_entry(bundles: Bundles, backend, tmp_path, people) -> tuple[np.ndarray, np.ndarray, list]:
+    """A service with ``bundles`` and eight people enrolled; their ids, their vectors, and the top 4 of
+    a search with the sixth entry's vector."""
     overrides = backend_settings(backend, tmp_path)
-    settings = make_settings(validated, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
+    settings = make_settings(bundles, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
     with TestClient(create_app(settings)) as client:
         ids = populate(client, people)
         gallery = client.app.state.gallery
@@ -76,6 +75,14 @@ def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, vali
         _, matches = gallery.search_vector(
             collection="default", vector=vectors[5], top_k=4, filters=SearchFilters()
         )
+    return ids, vectors, matches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, validated, tmp_path, people):
+    """Query expansion (2 neighbours, sim^3), then the top max(top_k, 6) rescored with their 3 nearest
+    other entries of the pool (all 24 entries here), weights sim^1, weight 0.75."""
+    ids, vectors, matches = search_an_entry(validated, backend, tmp_path, people)
     sims = vectors @ vectors[5]
     near = np.argsort(-sims)[:2]  # the entry itself among them
     query = expand_queries(vectors[5][None], vectors[near][None], sims[near][None], alpha=3.0)[0]
@@ -101,15 +108,7 @@ def test_augment_first_expands_with_augmented_entries_as_a_brute_force_computati
     """The plain query's pool (all 24 entries), each augmented with its 3 nearest others (sim^1); the
     first max(top_k, 6) scored 0.25 x own + 0.75 x augmented similarity, the query expanded with the 2
     best of them (weights score^3), the 6 scored again and returned best first."""
-    overrides = backend_settings(backend, tmp_path)
-    settings = make_settings(augment_first, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
-    with TestClient(create_app(settings)) as client:
-        ids = populate(client, people)
-        gallery = client.app.state.gallery
-        vectors = gallery.index.vectors("default", ids)
-        _, matches = gallery.search_vector(
-            collection="default", vector=vectors[5], top_k=4, filters=SearchFilters()
-        )
+    ids, vectors, matches = search_an_entry(augment_first, backend, tmp_path, people)
     query = vectors[5]
     shortlist = np.argsort(-(vectors @ query))[:6]
     between = vectors @ vectors.T
