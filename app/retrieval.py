@@ -53,8 +53,8 @@ def expand_against(
 # (docs/models.md, "Gallery-side augmentation"). The default order, "augment_first": the plain query's
 # top POOL entries are each expanded with their NEIGHBOURS nearest others of the pool (weights sim^ALPHA),
 # every entry is scored (1 - WEIGHT) x its own similarity + WEIGHT x that of its expansion, and the query
-# is expanded with the best-scored entries' expansions before all are scored again: 0.786 mAP on the
-# split bundle (0.705 on the 128x64 one) against 0.779 (0.687) for "expand_first", the order of
+# is expanded with the best-scored entries' expansions before all are scored again: 0.788 mAP on the
+# split bundle (0.714 on the 128x64 one) against 0.779 (0.687) for "expand_first", the order of
 # manifests recorded before 2026-12-02 (query expansion on the raw entries, then the top SHORTLIST
 # rescored). Neighbours from the pool rather than the whole gallery score the same and need no search
 # per candidate.
