@@ -147,9 +147,8 @@ def score(args: argparse.Namespace) -> None:
         from app.retrieval import GS_POOL, GS_SHORTLIST, QE_NEIGHBOURS, rescore_shortlists
 
         order, k, alpha, weight, *rest = spec.split(",")
-        shortlist, pool, expansion = [int(v) for v in rest] + [GS_SHORTLIST, GS_POOL, QE_NEIGHBOURS][
-            len(rest) :
-        ]
+        defaults = [GS_SHORTLIST, GS_POOL, QE_NEIGHBOURS]
+        shortlist, pool, expansion = [int(v) for v in rest] + defaults[len(rest) :]
         start = time.perf_counter()
         scores, inside, _ = rescore_shortlists(
             f[q], f[g], order=order, neighbours=int(k), alpha=float(alpha), weight=float(weight),

@@ -141,7 +141,7 @@ def _created(entry_id: int, collection: str, item: NewEntry, version: str, creat
 
 def numpy_blas_on_one_thread() -> None:
     """Put numpy's BLAS (not FAISS's, which sets its threads per search) on one thread for the rest of
-    the process. The gallery's numpy products are small (the rescoring's 100 x 500), and BLAS threads
+    the process. The gallery's numpy products are small (the augmentation's 500 x 500), and BLAS threads
     spinning beside ONNX Runtime's doubled the query's p50 (25 ms against 13 at 10k entries,
     docs/service.md); limiting them per query instead churned OpenBLAS's threads."""
     controller = ThreadpoolController()
@@ -841,15 +841,15 @@ class Gallery:
             vector, new = augment_then_expand(
                 vector, pool, expansion=self.expansion, expansion_alpha=self.expansion_alpha, **options
             )
-            scores = pool @ vector
         else:
             new = rescore_pool(vector, pool, **options)
-        order = np.argsort(-new, kind="stable")
         n = len(new)
-        rest = np.argsort(-scores[n:], kind="stable") + n
+        # past the shortlist: the expanded query's similarity (augment_first expanded it just now)
+        rest = pool[n:] @ vector if spec.order == "augment_first" else scores[n:]
+        order, after = np.argsort(-new, kind="stable"), np.argsort(-rest, kind="stable")
         return (
-            np.concatenate([new[order], scores[rest]]).astype(np.float32),
-            np.concatenate([ids[:n][order], ids[rest]]),
+            np.concatenate([new[order], rest[after]]).astype(np.float32),
+            np.concatenate([ids[:n][order], ids[n:][after]]),
         )
 
     # -- deletion -----------------------------------------------------------------------------------
