@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,6 +50,7 @@ from app.metrics import ServiceMetrics
 from app.retrieval import QE_ALPHA, augment_then_expand, expand_queries, rescore_pool
 
 if TYPE_CHECKING:
+    from app.bundle import GallerySideSpec
     from app.gallery.milvus_index import MilvusIndex
 
 log = logging.getLogger(__name__)
@@ -750,11 +752,11 @@ class Gallery:
         With query expansion on (and ``expand``), the query takes in its nearest neighbours among the
         entries the filters admit (``app.retrieval``); scores are then similarities to the expanded
         query, judged by the threshold validated for them. Where the bundle validated gallery-side
-        augmentation too, the query's top ``max(k, pool)`` entries are augmented with their own
-        neighbourhoods among them and the top ``max(k, shortlist)`` rescored and re-sorted: in the
-        manifest's order, before the query is expanded with the augmented entries
-        (``app.retrieval.augment_then_expand``) or after it was expanded with raw ones
-        (``app.retrieval.rescore_pool``).
+        augmentation too, the query's top ``shortlist`` entries are augmented with their own
+        neighbourhoods among its top ``pool`` and rescored, the others scored for the expanded query,
+        and all re-sorted (what validation measured; ``_rescored``): in the manifest's order, before
+        the query is expanded with the augmented entries (``app.retrieval.augment_then_expand``) or
+        after it was expanded with raw ones (``app.retrieval.rescore_pool``).
 
         Matches are plain dicts with the fields of ``app.api.bodies.Match``: the API serialises them in one
         call rather than building a model per match and per attribute (top_k=1000 costs 12k objects).
@@ -790,7 +792,8 @@ class Gallery:
                 fetch = max(k, rescore.pool) if rescore is not None else k
                 scores, ids = self.index.search(collection, vector, fetch, allowed=allowed, where=where)
                 if rescore is not None:
-                    scores, ids = self._rescored(collection, vector, scores, ids, rescore, k)
+                    search = partial(self.index.search, collection, k=fetch, allowed=allowed, where=where)
+                    scores, ids = self._rescored(collection, vector, scores, ids, rescore, search)
                 scores, ids = scores[:k], ids[:k]
                 if min_score is not None:
                     keep = scores >= min_score
@@ -820,19 +823,29 @@ class Gallery:
         return candidates, matches
 
     def _rescored(
-        self, collection: str, vector: np.ndarray, scores: np.ndarray, ids: np.ndarray, spec: Any, k: int
+        self,
+        collection: str,
+        vector: np.ndarray,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        spec: GallerySideSpec,
+        search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``ids`` (the query's pool, best first) with the top ``max(k, shortlist)`` re-sorted by their
-        gallery-side augmented scores (``spec.order``: ``app.retrieval``); the rest scored for the
-        expanded query after them. Unchanged if an entry was deleted meanwhile."""
+        """``ids`` (the query's best entries, best first) ranked as validation ranks them
+        (``app.retrieval.rescore_shortlists``): the first ``spec.shortlist`` by their gallery-side
+        augmented scores (neighbours from the first ``spec.pool``), the others by similarity to the
+        expanded query, all sorted together. The work is bounded by the pool whatever ``top_k`` asks
+        (a 4 x top_k identity search once built a product of its square). Unchanged if an entry was
+        deleted meanwhile."""
         if len(ids) == 0:
             return scores, ids
+        head = ids[: spec.pool]
         try:
-            pool = self.index.vectors(collection, ids)
+            pool = self.index.vectors(collection, head)
         except KeyError:  # an entry deleted since the search: keep the search's ranking
             return scores, ids
         options = {
-            "shortlist": max(k, spec.shortlist),
+            "shortlist": spec.shortlist,
             "neighbours": spec.neighbours,
             "alpha": spec.alpha,
             "weight": spec.weight,
@@ -841,16 +854,15 @@ class Gallery:
             vector, new = augment_then_expand(
                 vector, pool, expansion=self.expansion, expansion_alpha=self.expansion_alpha, **options
             )
+            if len(ids) > len(new):  # the others, as the query now expanded ranks them
+                scores, ids = search(vector)
         else:
             new = rescore_pool(vector, pool, **options)
-        n = len(new)
-        # past the shortlist: the expanded query's similarity (augment_first expanded it just now)
-        rest = pool[n:] @ vector if spec.order == "augment_first" else scores[n:]
-        order, after = np.argsort(-new, kind="stable"), np.argsort(-rest, kind="stable")
-        return (
-            np.concatenate([new[order], rest[after]]).astype(np.float32),
-            np.concatenate([ids[:n][order], ids[n:][after]]),
-        )
+        shortlist = head[: len(new)]
+        others = ~np.isin(ids, shortlist)
+        merged = np.concatenate([new, scores[others]]).astype(np.float32)
+        order = np.argsort(-merged, kind="stable")
+        return merged[order], np.concatenate([shortlist, ids[others]])[order]
 
     # -- deletion -----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.bundle import MANIFEST
 from app.gallery.store import SearchFilters
 from app.main import create_app
-from app.retrieval import expand_queries, neighbourhood_scores
+from app.retrieval import expand_queries, neighbourhood_scores, rescore_shortlists
 from tests.service.helpers import (
     BACKENDS,
     Bundles,
@@ -80,8 +80,8 @@ def search_an_entry(bundles: Bundles, backend, tmp_path, people) -> tuple[np.nda
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_query_path_rescores_as_a_brute_force_computation_does(backend, validated, tmp_path, people):
-    """Query expansion (2 neighbours, sim^3), then the top max(top_k, 6) rescored with their 3 nearest
-    other entries of the pool (all 24 entries here), weights sim^1, weight 0.75."""
+    """Query expansion (2 neighbours, sim^3), then the top 6 rescored with their 3 nearest other
+    entries of the pool (all 24 entries here), weights sim^1, weight 0.75."""
     ids, vectors, matches = search_an_entry(validated, backend, tmp_path, people)
     sims = vectors @ vectors[5]
     near = np.argsort(-sims)[:2]  # the entry itself among them
@@ -106,7 +106,7 @@ def test_augment_first_expands_with_augmented_entries_as_a_brute_force_computati
     backend, augment_first, tmp_path, people
 ):
     """The plain query's pool (all 24 entries), each augmented with its 3 nearest others (sim^1); the
-    first max(top_k, 6) scored 0.25 x own + 0.75 x augmented similarity, the query expanded with the 2
+    first 6 scored 0.25 x own + 0.75 x augmented similarity, the query expanded with the 2
     best of them (weights score^3), the 6 scored again and returned best first."""
     ids, vectors, matches = search_an_entry(augment_first, backend, tmp_path, people)
     query = vectors[5]
@@ -130,6 +130,30 @@ def test_augment_first_expands_with_augmented_entries_as_a_brute_force_computati
     best = sorted(shortlist, key=lambda i: -score(expanded, i))[:4]
     assert [m["entry_id"] for m in matches] == [int(ids[i]) for i in best]
     np.testing.assert_allclose([m["score"] for m in matches], [score(expanded, i) for i in best], atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["augment_first", "expand_first"])
+def test_a_top_k_past_the_pool_ranks_as_validation_does(order, bundles, tmp_path, people):
+    """top_k 20 with a pool of 10 and a shortlist of 6: the service's ranking and scores are those of
+    the evaluation's ``rescore_shortlists`` (the 6 rescored with neighbours from the top 10, the rest
+    by similarity to the expanded query, sorted together), not a rescoring of all 20."""
+    spec = {**SPEC, "pool": 10, "order": order}
+    validated = recorded(bundles, tmp_path, spec)
+    settings = make_settings(validated, tmp_path / "data", database_url=sqlite_url(tmp_path))
+    with TestClient(create_app(settings)) as client:
+        ids = populate(client, people)
+        gallery = client.app.state.gallery
+        vectors = gallery.index.vectors("default", ids)
+        _, matches = gallery.search_vector(
+            collection="default", vector=vectors[5], top_k=20, filters=SearchFilters()
+        )
+    options = {key: spec[key] for key in ("pool", "shortlist", "neighbours", "alpha", "weight")}
+    scores = rescore_shortlists(
+        vectors[5][None], vectors, order=order, expansion=2, expansion_alpha=3.0, **options
+    )[0][0]
+    best = np.argsort(-scores, kind="stable")[:20]
+    assert [m["entry_id"] for m in matches] == [int(ids[i]) for i in best]
+    np.testing.assert_allclose([m["score"] for m in matches], scores[best], atol=1e-5)
 
 
 def test_the_bundle_decides_and_a_setting_or_the_form_field_turns_it_off(validated, tmp_path, people):
