@@ -63,9 +63,11 @@ def populate(client, people) -> np.ndarray:
     return np.sort(ids)
 
 
-def search_an_entry(bundles: Bundles, backend, tmp_path, people) -> tuple[np.ndarray, np.ndarray, list]:
-    """A service with ``bundles`` and eight people enrolled; their ids, their vectors, and the top 4 of
-    a search with the sixth entry's vector."""
+def search_an_entry(
+    bundles: Bundles, backend, tmp_path, people, top_k: int = 4
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """A service with ``bundles`` and eight people enrolled; their ids, their vectors, and the top
+    ``top_k`` of a search with the sixth entry's vector."""
     overrides = backend_settings(backend, tmp_path)
     settings = make_settings(bundles, tmp_path / "data", database_url=sqlite_url(tmp_path), **overrides)
     with TestClient(create_app(settings)) as client:
@@ -73,7 +75,7 @@ def search_an_entry(bundles: Bundles, backend, tmp_path, people) -> tuple[np.nda
         gallery = client.app.state.gallery
         vectors = gallery.index.vectors("default", ids)
         _, matches = gallery.search_vector(
-            collection="default", vector=vectors[5], top_k=4, filters=SearchFilters()
+            collection="default", vector=vectors[5], top_k=top_k, filters=SearchFilters()
         )
     return ids, vectors, matches
 
@@ -138,15 +140,7 @@ def test_a_top_k_past_the_pool_ranks_as_validation_does(order, bundles, tmp_path
     the evaluation's ``rescore_shortlists`` (the 6 rescored with neighbours from the top 10, the rest
     by similarity to the expanded query, sorted together), not a rescoring of all 20."""
     spec = {**SPEC, "pool": 10, "order": order}
-    validated = recorded(bundles, tmp_path, spec)
-    settings = make_settings(validated, tmp_path / "data", database_url=sqlite_url(tmp_path))
-    with TestClient(create_app(settings)) as client:
-        ids = populate(client, people)
-        gallery = client.app.state.gallery
-        vectors = gallery.index.vectors("default", ids)
-        _, matches = gallery.search_vector(
-            collection="default", vector=vectors[5], top_k=20, filters=SearchFilters()
-        )
+    ids, vectors, matches = search_an_entry(recorded(bundles, tmp_path, spec), "faiss", tmp_path, people, 20)
     options = {key: spec[key] for key in ("pool", "shortlist", "neighbours", "alpha", "weight")}
     scores = rescore_shortlists(
         vectors[5][None], vectors, order=order, expansion=2, expansion_alpha=3.0, **options
