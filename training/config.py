@@ -49,6 +49,8 @@ class TrainConfig:
     lr_steps: tuple[int, ...] = ()  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     grad_clip: float | None = None
+    # Moving average of the weights (training/ema.py): 0 off; e.g. 0.999 averages ~1,000 steps.
+    ema_decay: float = 0.0
 
     # Early stopping and checkpoints
     monitor: str = "val_loss"
@@ -74,6 +76,8 @@ class TrainConfig:
         self.lr_steps = tuple(int(v) for v in self.lr_steps)
         if len(self.input_size) != 2 or min(self.input_size) < 8:
             raise ValueError(f"input_size must be (height, width) of at least 8, got {self.input_size}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.monitor_mode not in ("min", "max"):
             raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
         if not 0.0 < self.val_fraction < 1.0:

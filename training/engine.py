@@ -31,7 +31,9 @@ Task contract (a structural protocol; see ``training/tasks/attributes.py`` for a
 The Trainer handles: device selection (``auto`` = CUDA when available), mixed precision on CUDA,
 channels-last memory format (``trainer.channels_last``; tasks pass it to their augmentation),
 ``config.threads`` CPU threads, Adam with ``config.lr`` / ``config.weight_decay``, an optional linear
-warm-up and step decay (per epoch), gradient clipping, early stopping on ``config.monitor`` (``min`` or
+warm-up and step decay (per epoch), gradient clipping, an optional moving average of the weights
+(``config.ema_decay``: validated, kept as the best epoch and exported in place of the raw weights; see
+``training/ema.py``), early stopping on ``config.monitor`` (``min`` or
 ``max``, ``patience`` epochs; 0 disables), and the run directory:
 
 - ``config.json``: the resolved config, written before the first epoch;
@@ -51,6 +53,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -61,6 +64,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.config import TrainConfig
+from training.ema import WeightAverage
 
 CONFIG_FILE = "config.json"
 COMMANDS_FILE = "commands.txt"  # one line per start or resume: the command line that ran
@@ -279,6 +283,7 @@ class Trainer:
         # bf16 keeps fp32's exponent range: no loss scaling (the scaler is kept, disabled, for resume).
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         sign = 1.0 if cfg.monitor_mode == "max" else -1.0
+        ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
 
         start, best_value, best_epoch, bad_epochs, stopped = 1, None, 0, 0, False
         history: list[dict[str, Any]] = []
@@ -290,6 +295,10 @@ class Trainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None:
+                if ckpt.get("ema") is None:
+                    raise ValueError(f"{last_path}: no weight average kept (started without ema_decay)")
+                ema.load_state_dict(ckpt["ema"])
             if hasattr(task, "load_state_dict") and ckpt.get("task_state") is not None:
                 task.load_state_dict(ckpt["task_state"])
             start = ckpt["epoch"] + 1
@@ -304,38 +313,39 @@ class Trainer:
                 break
             started = time.perf_counter()
             model.train()
-            train_stats, images_per_s = self._train_epoch(task, optimizer, scaler, epoch)
-            model.eval()
-            with torch.no_grad(), self.autocast():
-                val = {k: float(v) for k, v in task.validate().items()}
-            model.train()
-            if cfg.monitor not in val:
-                raise KeyError(f"validate() returned no {cfg.monitor!r} (got {', '.join(sorted(val))})")
-            record = {
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                **train_stats,
-                **val,
-                "seconds": round(time.perf_counter() - started, 2),
-                "images_per_s": round(images_per_s, 1),
-            }
-            history.append(record)
-            value = val[cfg.monitor]
-            if best_value is None or sign * (value - best_value) > 0:
-                best_value, best_epoch, bad_epochs = value, epoch, 0
-                _save_atomic(
-                    {
-                        "task": task.name,
-                        "epoch": epoch,
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "architecture": _architecture(model),
-                        "metrics": record,
-                        "config": cfg.to_dict(),
-                    },
-                    self.run_dir / BEST,
-                )
-            else:
-                bad_epochs += 1
+            train_stats, images_per_s = self._train_epoch(task, optimizer, scaler, epoch, ema)
+            with ema.applied(model) if ema is not None else nullcontext():
+                model.eval()
+                with torch.no_grad(), self.autocast():
+                    val = {k: float(v) for k, v in task.validate().items()}
+                model.train()
+                if cfg.monitor not in val:
+                    raise KeyError(f"validate() returned no {cfg.monitor!r} (got {', '.join(sorted(val))})")
+                record = {
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **train_stats,
+                    **val,
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "images_per_s": round(images_per_s, 1),
+                }
+                history.append(record)
+                value = val[cfg.monitor]
+                if best_value is None or sign * (value - best_value) > 0:
+                    best_value, best_epoch, bad_epochs = value, epoch, 0
+                    _save_atomic(
+                        {
+                            "task": task.name,
+                            "epoch": epoch,
+                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            "architecture": _architecture(model),
+                            "metrics": record,
+                            "config": cfg.to_dict(),
+                        },
+                        self.run_dir / BEST,
+                    )
+                else:
+                    bad_epochs += 1
             stopped = bool(cfg.patience and bad_epochs >= cfg.patience)
             scheduler.step()
             _save_atomic(
@@ -353,6 +363,7 @@ class Trainer:
                     "stopped": stopped,
                     "history": history,
                     "task_state": task.state_dict() if hasattr(task, "state_dict") else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                 },
                 last_path,
             )
@@ -375,7 +386,12 @@ class Trainer:
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _train_epoch(
-        self, task: Task, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int
+        self,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        epoch: int,
+        ema: WeightAverage | None = None,
     ) -> tuple[dict[str, float], float]:
         cfg = self.config
         sums: dict[str, float] = {}
@@ -401,6 +417,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(task.model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(task.model)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             steps += 1

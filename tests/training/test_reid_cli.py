@@ -110,9 +110,11 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     run = tmp_path / "all"
     result = invoke(
         "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp_path / "cache",
-        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--train-all", *TINY,
+        "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--train-all", "--ema-decay", "0.99",
+        *TINY,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["ema_decay"] == 0.99  # exported below as kept
     assert (
         "train images of 12 identities" in result.output
         and "trained on (--train-all)" in (run / "report.md").read_text()

@@ -55,6 +55,7 @@ def _train_options(
     branch_dim: int | None,
     last_stride: int | None,
     erase_p: float | None,
+    ema_decay: float | None,
     train_all: bool | None,
     distractors: Path | None,
     distractor_every: int | None,
@@ -93,6 +94,7 @@ def _train_options(
         "branch_dim": branch_dim,
         "last_stride": last_stride,
         "erase_p": erase_p,
+        "ema_decay": ema_decay,
         "train_all": train_all,
         "distractors": str(distractors) if distractors else None,
         "distractor_every": distractor_every,
@@ -184,6 +186,10 @@ def train_reid(
     branch_dim: Annotated[int | None, Opt(help="Reduce each branch to this size (embedding = 2x).")] = None,
     last_stride: Annotated[int | None, Opt(help="1 keeps the last stage at stride 16 (slower).")] = None,
     erase_p: Annotated[float | None, Opt(help="Random-erasing probability (modern 0.5).")] = None,
+    ema_decay: Annotated[
+        float | None,
+        Opt(help="Validate and keep a moving average of the weights (e.g. 0.999; default 0, off)."),
+    ] = None,
     train_all: Annotated[
         bool | None,
         Opt(
