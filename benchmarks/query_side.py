@@ -13,6 +13,8 @@ not a test; docs/models.md, "What the query side can still give").
     python benchmarks/query_side.py score /tmp/reid.npz --flip --full-rerank 20,6,0.3
     # two bundles' embeddings concatenated (the second weighted w): an ensemble's ceiling
     python benchmarks/query_side.py score /tmp/reid.npz --ensemble /tmp/reid-128x64.npz:0.3
+    # who is first when rank-1 fails: distractors or other validation people, and any hubs
+    python benchmarks/query_side.py score /tmp/reid.npz --failures
 
 Protocol: the committed split's 150 validation identities (one query per identity and camera), the
 gallery their other images plus the course ``test/`` crops as distractors, Market-1501 exclusions.
@@ -100,6 +102,30 @@ def shortlist_rerank(fq: np.ndarray, fg: np.ndarray, n: int, k1: int, k2: int, l
     return dist
 
 
+def failures(
+    sim: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray, g_cams: np.ndarray
+) -> None:
+    """Who takes the first place when rank-1 fails: distractors or other validation people, and
+    whether a few gallery entries ("hubs") take it for many queries."""
+    same_person = g_pids[None] == q_pids[:, None]
+    same_camera = g_cams[None] == q_cams[:, None]
+    scored = (same_person & ~same_camera).any(1)  # queries with a findable match, as evaluate_ranking
+    sim = np.where(same_person & same_camera, -9.0, sim)[scored]
+    q_pids = q_pids[scored]
+    top = sim.argmax(1)
+    failed = g_pids[top] != q_pids
+    culprits = top[failed]
+    counts = np.bincount(culprits, minlength=len(g_pids))
+    by_distractor = int((g_pids[culprits] == 0).sum())
+    print(
+        f"rank-1 failures {failed.sum()} of {len(q_pids)} ({failed.mean():.1%}): a distractor first for "
+        f"{by_distractor} ({by_distractor / max(failed.sum(), 1):.0%}), another validation person for "
+        f"{failed.sum() - by_distractor}; {int((counts > 0).sum())} distinct entries, the most frequent "
+        f"first for {int(counts.max())} queries",
+        flush=True,
+    )
+
+
 def score(args: argparse.Namespace) -> None:
     from app.retrieval import augmented_gallery, expand_against
     from training.evaluation.reid import evaluate_ranking, track_embeddings
@@ -122,6 +148,8 @@ def score(args: argparse.Namespace) -> None:
         r = evaluate_ranking(dist, pids[q], pids[g], cams[q], cams[g], max_rank=10)
         print(f"{name:40} mAP {r['mAP']:.4f}  rank-1 {r['rank1']:.4f}  mINP {r['mINP']:.4f}", flush=True)
 
+    if args.failures:
+        failures(f[q] @ f[g].T, pids[q], pids[g], cams[q], cams[g])
     tracks = track_embeddings(f, pids, cams, q)
     for spec in args.dba:
         k, alpha, *shortlist = spec.split(",")
@@ -184,6 +212,7 @@ def main() -> None:
     s = sub.add_parser("score", help="score saved embeddings")
     s.add_argument("embeddings", type=Path)
     s.add_argument("--flip", action="store_true", help="average with the mirrored crops' embeddings")
+    s.add_argument("--failures", action="store_true", help="who is first when rank-1 fails (plain path)")
     s.add_argument("--ensemble", action="append", default=[], metavar="NPZ:WEIGHT")
     s.add_argument("--rerank", action="append", default=[], metavar="N,K1,K2,LAMBDA")
     s.add_argument("--dba", action="append", default=[], metavar="K,ALPHA[,SHORTLIST...]")
