@@ -111,10 +111,11 @@ def test_train_all_bundle_borrows_metrics_and_estimates_thresholds(reid_run, cou
     result = invoke(
         "train-reid", "--data-root", course_root, "--run-dir", run, "--cache-dir", tmp_path / "cache",
         "--epochs", "1", "--p", "3", "--k", "2", "--branch-dim", "16", "--train-all", "--ema-decay", "0.99",
-        *TINY,
+        "--lr-steps", "1", *TINY,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["ema_decay"] == 0.99  # exported below as kept
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["ema_decay"] == 0.99 and saved["lr_steps"] == [1]  # exported below as kept
     assert (
         "train images of 12 identities" in result.output
         and "trained on (--train-all)" in (run / "report.md").read_text()

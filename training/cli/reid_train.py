@@ -12,6 +12,7 @@ from training.cli.options import (
     DataRoot,
     fail,
     parse_size,
+    parse_steps,
     prepare_config,
     require_data_root,
     resolve_init_weights,
@@ -33,6 +34,7 @@ def _train_options(
     batch_size: int | None,
     lr: float | None,
     weight_decay: float | None,
+    lr_steps: str | None,
     patience: int | None,
     monitor: str | None,
     device: str | None,
@@ -71,6 +73,7 @@ def _train_options(
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
+        "lr_steps": parse_steps(lr_steps) if lr_steps is not None else None,
         "patience": patience,
         "monitor": monitor,
         "monitor_mode": None if monitor is None else "min" if monitor.endswith("loss") else "max",
@@ -160,6 +163,9 @@ def train_reid(
     batch_size: Annotated[int | None, Opt(help="Anchors per batch for the report recipe (32).")] = None,
     lr: Annotated[float | None, Opt(help="Adam learning rate (report 1e-4, modern 3.5e-4).")] = None,
     weight_decay: Annotated[float | None, Opt(help="Default 5e-4.")] = None,
+    lr_steps: Annotated[
+        str | None, Opt(help="Epochs at which the lr is divided by 10, e.g. 22 (modern 30,50).")
+    ] = None,
     patience: Annotated[
         int | None, Opt(help="Early stop after N epochs without improving --monitor.")
     ] = None,
