@@ -319,33 +319,34 @@ class Trainer:
                 with torch.no_grad(), self.autocast():
                     val = {k: float(v) for k, v in task.validate().items()}
                 model.train()
-                if cfg.monitor not in val:
-                    raise KeyError(f"validate() returned no {cfg.monitor!r} (got {', '.join(sorted(val))})")
-                record = {
-                    "epoch": epoch,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **train_stats,
-                    **val,
-                    "seconds": round(time.perf_counter() - started, 2),
-                    "images_per_s": round(images_per_s, 1),
-                }
-                history.append(record)
-                value = val[cfg.monitor]
-                if best_value is None or sign * (value - best_value) > 0:
-                    best_value, best_epoch, bad_epochs = value, epoch, 0
-                    _save_atomic(
-                        {
-                            "task": task.name,
-                            "epoch": epoch,
-                            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            "architecture": _architecture(model),
-                            "metrics": record,
-                            "config": cfg.to_dict(),
-                        },
-                        self.run_dir / BEST,
-                    )
-                else:
-                    bad_epochs += 1
+            if cfg.monitor not in val:
+                raise KeyError(f"validate() returned no {cfg.monitor!r} (got {', '.join(sorted(val))})")
+            record = {
+                "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                **train_stats,
+                **val,
+                "seconds": round(time.perf_counter() - started, 2),
+                "images_per_s": round(images_per_s, 1),
+            }
+            history.append(record)
+            value = val[cfg.monitor]
+            if best_value is None or sign * (value - best_value) > 0:
+                best_value, best_epoch, bad_epochs = value, epoch, 0
+                weights = ema.state if ema is not None else model.state_dict()  # what was validated
+                _save_atomic(
+                    {
+                        "task": task.name,
+                        "epoch": epoch,
+                        "model": {k: v.detach().cpu() for k, v in weights.items()},
+                        "architecture": _architecture(model),
+                        "metrics": record,
+                        "config": cfg.to_dict(),
+                    },
+                    self.run_dir / BEST,
+                )
+            else:
+                bad_epochs += 1
             stopped = bool(cfg.patience and bad_epochs >= cfg.patience)
             scheduler.step()
             _save_atomic(
