@@ -6,8 +6,9 @@ design) while the attribute network simply runs trunk then last stage. Where eac
 - ``resnet50``: trunk = conv1 .. layer3, last stage = layer4 (2048 channels).
 - ``mobilenet_v2``: trunk = features[0:14] (stride 16, 96 channels), last stage = features[14:]
   (the 160- and 320-channel inverted residuals and the 1x1 conv to 1280 channels).
-- ``osnet_x0_25``: trunk = conv1 .. conv3, last stage = conv4 + conv5 (128 channels); OSNet's last
-  stage already keeps stride 16, so ``last_stride`` has no effect on it.
+- ``osnet_x0_25``: trunk = conv1 .. conv3, last stage = conv4 + conv5 (128 channels). OSNet's last
+  stage has no stride of its own: ``last_stride`` 1 drops the average pooling of conv3's transition
+  instead, so the last stage runs at stride 8 (the same effect: a final map twice as tall and wide).
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def _osnet_x0_25(init_weights: str | None, last_stride: int) -> BackboneParts:
         state = _read_state_dict(init_weights)
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
         net.load_state_dict(state, strict=True)
+    if last_stride == 1:
+        net.conv3[-1][1] = nn.Identity()  # the transition's AvgPool2d(2); it has no weights to load
     trunk = nn.Sequential(net.conv1, net.maxpool, net.conv2, net.conv3)
     return BackboneParts(trunk, nn.Sequential(net.conv4, net.conv5), net.out_channels)
 

@@ -34,6 +34,9 @@ class ReIDNetConfig:
     # Test-time flip: the embedding is the normalised mean of the crop's and its mirror image's (twice
     # the inference cost; a bundle option, ``reid-train flip-bundle``).
     flip_average: bool = False
+    # Generalised-mean pooling (Radenovic et al. 2018) in the 'avg' branch, its exponent learned from
+    # this start; None keeps average pooling (p = 1). The 'max' branch is the p -> infinity end.
+    gem_p: float | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -73,6 +76,21 @@ class CosineClassifier(nn.Module):
 
 
 CLASSIFIERS = ("linear", "cosine")
+
+
+class GeneralizedMeanPool(nn.Module):
+    """(mean of x^p over the map)^(1/p) per channel, p learned; x >= 0 after the stage's ReLU."""
+
+    def __init__(self, p: float, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 even under autocast: x^3 of bf16 activations loses the small ones.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            p = self.p.float()
+            return F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
 
 
 class Branch(nn.Module):
@@ -116,10 +134,13 @@ class ReIDNet(nn.Module):
         parts = build_backbone(config.backbone, init_weights=init_weights, last_stride=config.last_stride)
         self.normalize = Normalize(config.mean, config.std)
         self.trunk = parts.trunk
+        if config.gem_p is not None and config.gem_p <= 0:
+            raise ValueError(f"gem_p must be positive, got {config.gem_p}")
         head = (parts.channels, config.branch_dim, config.num_classes, config.classifier)
+        mean_pool = nn.AdaptiveAvgPool2d(1) if config.gem_p is None else GeneralizedMeanPool(config.gem_p)
         self.branches = nn.ModuleDict(
             {
-                "avg": Branch(parts.last_stage, nn.AdaptiveAvgPool2d(1), *head),
+                "avg": Branch(parts.last_stage, mean_pool, *head),
                 "max": Branch(copy.deepcopy(parts.last_stage), nn.AdaptiveMaxPool2d(1), *head),
             }
         )

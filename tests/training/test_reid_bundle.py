@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,11 @@ from training.export import export_run
 from training.tasks.reid import ReIDTrainConfig
 
 
-@pytest.fixture
-def run_dir(tmp_path):
+def write_run(run: Path, **architecture) -> ReIDNet:
     """A run directory holding a best.pt as the Trainer writes it (no training needed)."""
     torch.manual_seed(0)
-    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=7, branch_dim=16))
+    run.mkdir(parents=True, exist_ok=True)
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=7, branch_dim=16, **architecture))
     with torch.no_grad():  # non-trivial BN statistics, so a lost buffer would show
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
@@ -36,9 +37,14 @@ def run_dir(tmp_path):
             "metrics": metrics,
             "config": config.to_dict(),
         },
-        tmp_path / BEST,
+        run / BEST,
     )
-    return tmp_path, net
+    return net
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path, write_run(tmp_path)
 
 
 def test_bundle_round_trip(run_dir, tmp_path):
@@ -52,6 +58,24 @@ def test_bundle_round_trip(run_dir, tmp_path):
     assert manifest.training_config["recipe"] == "modern"
     _, loaded = load_bundle(directory)
     assert not any("classifier" in k for k in loaded.state_dict())
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
+def test_mean_pooling_exponent_and_stride_eight_last_stage_survive_export_and_onnx(tmp_path):
+    """The learned GeM exponent is a weight of the bundle, and the graph computes the same pooling."""
+    net = write_run(tmp_path / "run", gem_p=3.0, last_stride=1)
+    with torch.no_grad():
+        net.branches["avg"].pool.p.fill_(2.4)  # as if training had moved it
+        net.train()(torch.randint(0, 256, (8, 3, 64, 32), dtype=torch.uint8))  # BN statistics of real maps
+    torch.save({**torch.load(tmp_path / "run" / BEST), "model": net.state_dict()}, tmp_path / "run" / BEST)
+    directory = export_run(tmp_path / "run", store=tmp_path / "store", name="reid-gem")
+    manifest = read_manifest(directory)
+    assert manifest.architecture["gem_p"] == 3.0 and manifest.architecture["last_stride"] == 1
+    assert manifest.onnx is not None and manifest.onnx.max_abs_diff <= 1e-4
+    _, loaded = load_bundle(directory)
+    assert float(loaded.branches["avg"].pool.p) == pytest.approx(2.4)
     x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x))

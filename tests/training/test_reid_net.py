@@ -35,7 +35,7 @@ def test_branches_do_not_share_last_stage():
     assert all(a.data_ptr() != m.data_ptr() for a, m in zip(avg.parameters(), mx.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "osnet_x0_25", "resnet50"])
 def test_last_stride_one_doubles_the_final_map(backbone):
     def final_map(stride):
         net = ReIDNet(ReIDNetConfig(backbone, (64, 32), last_stride=stride)).eval()
@@ -43,6 +43,27 @@ def test_last_stride_one_doubles_the_final_map(backbone):
             return net.branches["avg"].stage(net.trunk(torch.zeros(1, 3, 64, 32))).shape[-2:]
 
     assert tuple(final_map(1)) == tuple(2 * s for s in final_map(2))
+
+
+def test_generalised_mean_pooling_spans_average_to_max_pooling():
+    from app.nets.reid import GeneralizedMeanPool
+
+    x = torch.rand(2, 4, 8, 4)
+    pooled = {p: GeneralizedMeanPool(p)(x).flatten(1) for p in (1.0, 3.0, 60.0)}
+    torch.testing.assert_close(pooled[1.0], x.mean(dim=(2, 3)))
+    assert torch.all(pooled[1.0] < pooled[3.0]) and torch.all(pooled[3.0] < pooled[60.0])
+    torch.testing.assert_close(pooled[60.0], x.amax(dim=(2, 3)), atol=0.1, rtol=0)
+
+
+def test_gem_exponent_is_trained_in_the_avg_branch_only():
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=3, gem_p=3.0)).train()
+    out = net(torch.randint(0, 256, (4, 3, 64, 32), dtype=torch.uint8))
+    (out.features["avg"].sum() + out.logits["avg"].sum()).backward()
+    p = net.branches["avg"].pool.p
+    assert p.grad is not None and float(p.grad) != 0.0
+    assert not any(name.endswith("pool.p") for name, _ in net.branches["max"].named_parameters())
+    with pytest.raises(ValueError, match="gem_p must be positive"):
+        ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), gem_p=0.0))
 
 
 def test_inference_net_has_no_classifier():

@@ -56,6 +56,7 @@ def _train_options(
     k: int | None,
     branch_dim: int | None,
     last_stride: int | None,
+    gem_p: float | None,
     erase_p: float | None,
     ema_decay: float | None,
     train_all: bool | None,
@@ -96,6 +97,7 @@ def _train_options(
         "k": k,
         "branch_dim": branch_dim,
         "last_stride": last_stride,
+        "gem_p": gem_p,
         "erase_p": erase_p,
         "ema_decay": ema_decay,
         "train_all": train_all,
@@ -190,7 +192,13 @@ def train_reid(
     p: Annotated[int | None, Opt("--p", help="Identities per P x K batch (16).")] = None,
     k: Annotated[int | None, Opt("--k", help="Images per identity in a P x K batch (4).")] = None,
     branch_dim: Annotated[int | None, Opt(help="Reduce each branch to this size (embedding = 2x).")] = None,
-    last_stride: Annotated[int | None, Opt(help="1 keeps the last stage at stride 16 (slower).")] = None,
+    last_stride: Annotated[
+        int | None, Opt(help="1 halves the last downsampling: a final map twice as tall and wide (slower).")
+    ] = None,
+    gem_p: Annotated[
+        float | None,
+        Opt(help="Generalised-mean pooling in the avg branch, learned from this exponent (e.g. 3)."),
+    ] = None,
     erase_p: Annotated[float | None, Opt(help="Random-erasing probability (modern 0.5).")] = None,
     ema_decay: Annotated[
         float | None,

@@ -108,6 +108,7 @@ class ReIDTrainConfig(TrainConfig):
     k: int = 4  # images per identity (batch_hard)
     branch_dim: int | None = None  # per-branch embedding size after a learned reduction
     last_stride: int = 2
+    gem_p: float | None = None  # generalised-mean pooling in the 'avg' branch, from this exponent
     eval_seed: int = 0  # seed of the validation query/gallery protocol
     # Train on every identity (the split's validation ones too), as shipped bundles are: validation
     # identities are then seen, so per-epoch validation is skipped and the last epoch is kept.
@@ -225,6 +226,7 @@ class ReIDTask:
                 input_size=config.input_size,
                 num_classes=len(self.classes),
                 last_stride=config.last_stride,
+                gem_p=config.gem_p,
                 branch_dim=config.branch_dim,
                 classifier=config.classifier,
             ),
