@@ -120,6 +120,7 @@ class AttributeTrainConfig(TrainConfig):
     TASK: ClassVar[str] = "attributes"
 
     dropout: float = 0.2
+    last_stride: int = 2
     class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
     # APR (Lin et al. 2019): an identity classifier on the pooled features, trained with the heads and
     # dropped at export; its label-smoothed cross-entropy is added with this weight (0 = off).
@@ -139,6 +140,8 @@ class AttributeTrainConfig(TrainConfig):
             raise ValueError(f"class_weights must be majority, sqrt or none, got {self.class_weights!r}")
         if self.id_loss_weight < 0:
             raise ValueError(f"id_loss_weight must be >= 0, got {self.id_loss_weight}")
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
             self.monitor, self.monitor_mode, self.patience = "epoch", "max", 0
 

@@ -24,6 +24,7 @@ class AttributeNetConfig:
     input_size: tuple[int, int] = (256, 128)  # (height, width)
     heads: dict[str, int] = field(default_factory=_default_heads)
     dropout: float = 0.2
+    last_stride: int = 2  # 1: the last stage at half the usual stride (``build_backbone``)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -46,7 +47,7 @@ class AttributeNet(nn.Module):
     def __init__(self, config: AttributeNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
         self.config = config
-        parts = build_backbone(config.backbone, init_weights=init_weights)
+        parts = build_backbone(config.backbone, init_weights=init_weights, last_stride=config.last_stride)
         self.normalize = Normalize(config.mean, config.std)
         self.trunk = parts.trunk
         self.last_stage = parts.last_stage

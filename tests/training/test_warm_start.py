@@ -44,6 +44,23 @@ def test_backbone_copied_from_the_avg_branch(reid_bundle):
     assert not torch.equal(fresh.trunk[0].conv.weight, net.trunk[0].conv.weight)
 
 
+def test_stride_eight_attribute_net_keeps_the_warm_start_and_the_larger_map(reid_bundle):
+    bundle, reid = reid_bundle
+    config = AttributeTrainConfig(
+        backbone="osnet_x0_25", input_size=(64, 32), init_weights=str(bundle), last_stride=1
+    )
+    net = build_attribute_net(config).eval()
+    assert net.config.last_stride == 1
+    torch.testing.assert_close(net.trunk[0].conv.weight, reid.trunk[0].conv.weight)
+    x = torch.zeros(1, 3, 64, 32, dtype=torch.uint8)
+    with torch.no_grad():
+        ours = net.last_stage(net.trunk(net.normalize(x))).shape[-2:]
+        theirs = reid.eval().branches["avg"].stage(reid.trunk(reid.normalize(x))).shape[-2:]
+    assert tuple(ours) == tuple(2 * s for s in theirs)
+    with pytest.raises(ValueError, match="last_stride must be 1 or 2"):
+        AttributeTrainConfig(backbone="osnet_x0_25", last_stride=4)
+
+
 def test_wrong_backbone_or_task_refused(reid_bundle, tmp_path):
     bundle, _ = reid_bundle
     config = AttributeTrainConfig(backbone="mobilenet_v2", input_size=(64, 32), init_weights=str(bundle))

@@ -90,6 +90,10 @@ def train_attributes(
             "the heads and dropped at export (0: off, the default)."
         ),
     ] = None,
+    last_stride: Annotated[
+        int | None,
+        typer.Option(help="1 halves the last downsampling: a final map twice as tall and wide (slower)."),
+    ] = None,
     train_all: Annotated[
         bool | None,
         typer.Option(
@@ -133,6 +137,7 @@ def train_attributes(
         "cache_dir": str(cache_dir) if cache_dir else None,
         "class_weights": class_weights,
         "id_loss_weight": id_loss_weight,
+        "last_stride": last_stride,
         "train_all": train_all,
         "progress": progress,
     }

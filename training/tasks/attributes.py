@@ -144,7 +144,10 @@ def load_attribute_data(config: AttributeTrainConfig, run_dir: str | Path) -> At
 def build_attribute_net(config: AttributeTrainConfig) -> AttributeNet:
     """The untrained network of ``config``: init weights from a file, or a re-ID bundle's backbone."""
     net_config = AttributeNetConfig(
-        backbone=config.backbone, input_size=config.input_size, dropout=config.dropout
+        backbone=config.backbone,
+        input_size=config.input_size,
+        dropout=config.dropout,
+        last_stride=config.last_stride,
     )
     if is_bundle_dir(config.init_weights):
         net = AttributeNet(net_config)
