@@ -2,18 +2,19 @@
 # Reproduce the shipped default bundles (docs/models.md): train the models on the course layout of
 # Market-1501 with the committed split, then export them into models_store/.
 #
-#   REID_DATA_ROOT=/path/to/market1501 scripts/train_default_models.sh [reid|reid-all|reid-fast|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]
+#   REID_DATA_ROOT=/path/to/market1501 scripts/train_default_models.sh [reid|reid-all|reid-fast|reid-fast-all|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]
 #
 #   reid        two-branch OSNet x0.25 at 256x128 (MSMT17 start) on the split's 601 identities, with
 #               the distractor validation every 10 epochs: the recipe's measured run
 #   reid-all    the same recipe on all 751 identities (--train-all)     -> models_store/reid
-#   reid-fast   the 601-identity recipe at 128x64, last stage at stride 8 -> models_store/reid-128x64
+#   reid-fast   the 601-identity recipe at 128x64, last stage at stride 8: the fast recipe's measured run
+#   reid-fast-all  the same on all 751 identities                     -> models_store/reid-128x64
 #   attributes  OSNet x0.25 at 256x128, warm-started from the split-trained reid bundle (needs reid
 #               first), on the split: the recipe's measured run and its per-group decision rule
 #   attributes-all  the same recipe on all 751 identities (--train-all), warm-started from
 #               models_store/reid (needs reid-all first)                -> models_store/attributes
-#   attributes-fast, attributes-fast-all  the 128x64 recipe from reid-fast's bundle, on the split and
-#               on every identity                                       -> models_store/attributes-128x64
+#   attributes-fast, attributes-fast-all  the 128x64 recipe, on the split from reid-fast's bundle and
+#               on every identity from reid-fast-all's                  -> models_store/attributes-128x64
 #   export      every bundle, with the distractor validation recorded (also models_store/reid-flip,
 #               the shipped reid with test-time flip)
 #
@@ -59,8 +60,10 @@ reid_run() {  # reid_run INPUT_SIZE [ARGS]: the recipe on the split, validated w
 # 256x128): +0.04 plain and +0.03 default-path mAP on the distractor validation (docs/models.md).
 FAST_REID=(--last-stride 1)
 
-reid_all() {  # the shipped default: the same recipe and schedule on every identity
-  resume_or "$RUNS/reid-osnet-256x128-all" train-reid "${REID_RECIPE[@]}" --input-size 256x128 --train-all
+reid_all() {  # reid_all INPUT_SIZE [ARGS]: the same recipe and schedule on every identity (shipped)
+  local size=$1
+  shift
+  resume_or "$RUNS/reid-osnet-$size-all" train-reid "${REID_RECIPE[@]}" --input-size "$size" --train-all "$@"
 }
 
 ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --epochs 16 --lr-steps "10,14"
@@ -86,11 +89,22 @@ attributes_all() {  # the shipped default: the same recipe on every identity, fr
     --input-size 256x128 --init-weights models_store/reid --train-all
 }
 
+fast_split_bundle() {  # the split-trained 128x64 re-ID bundle (its validation is what reid-128x64 carries)
+  [ -f "$RUNS/bundles/reid-fast-split/manifest.json" ] ||
+    reid-train export "$RUNS/reid-osnet-128x64" --store "$RUNS/bundles" --name reid-fast-split
+}
+
 attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from the 128x64 re-ID bundle
-  [ -f models_store/reid-128x64/manifest.json ] ||
-    reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64
+  local init=$RUNS/bundles/reid-fast-split
+  if [ -z "${1:-}" ]; then
+    fast_split_bundle
+  else  # every identity: from the shipped all-identity bundle
+    init=models_store/reid-128x64
+    [ -f "$init/manifest.json" ] || { fast_split_bundle &&
+      reid-train export "$RUNS/reid-osnet-128x64-all" --name reid-128x64 --metrics-from "$RUNS/bundles/reid-fast-split"; }
+  fi
   resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
-    --input-size 128x64 --init-weights models_store/reid-128x64 "$@"
+    --input-size 128x64 --init-weights "$init" "$@"
 }
 
 evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol into its manifest
@@ -105,7 +119,9 @@ export_bundles() {
   reid-train export "$RUNS/reid-osnet-256x128" --store "$RUNS/bundles" --name reid-split --force
   evaluate_and_record "$RUNS/bundles/reid-split"  # query expansion and gallery-side rescoring too
   reid-train export "$RUNS/reid-osnet-256x128-all" --name reid --metrics-from "$RUNS/bundles/reid-split" --force
-  reid-train export "$RUNS/reid-osnet-128x64" --name reid-128x64 --force
+  reid-train export "$RUNS/reid-osnet-128x64" --store "$RUNS/bundles" --name reid-fast-split --force
+  evaluate_and_record "$RUNS/bundles/reid-fast-split"
+  reid-train export "$RUNS/reid-osnet-128x64-all" --name reid-128x64 --metrics-from "$RUNS/bundles/reid-fast-split" --force
   # Per-group logit adjustment: each group's tau with the largest accuracy + balanced accuracy on the
   # split run's validation (docs/models.md); the all-identity bundle takes that rule and those metrics.
   reid-train export "$RUNS/attributes-osnet-256x128" --store "$RUNS/bundles" --name attributes-split \
@@ -130,8 +146,9 @@ export_bundles() {
 
 case "${1:-all}" in
   reid) reid_run 256x128 ;;
-  reid-all) reid_all ;;
+  reid-all) reid_all 256x128 ;;
   reid-fast) reid_run 128x64 "${FAST_REID[@]}" ;;
+  reid-fast-all) reid_all 128x64 "${FAST_REID[@]}" ;;
   attributes) attributes ;;
   attributes-all) attributes_all ;;
   attributes-fast) attributes_fast ;;
@@ -139,10 +156,11 @@ case "${1:-all}" in
   export) export_bundles ;;
   all)
     reid_run 256x128 & reid_run 128x64 "${FAST_REID[@]}" & wait
-    reid_all & attributes & wait
-    attributes_all & attributes_fast & wait
-    attributes_fast --train-all
+    reid_all 256x128 & reid_all 128x64 "${FAST_REID[@]}" & wait
+    attributes & attributes_fast & wait
+    attributes_all &
+    attributes_fast --train-all & wait
     export_bundles
     ;;
-  *) echo "usage: $0 [reid|reid-all|reid-fast|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [reid|reid-all|reid-fast|reid-fast-all|attributes|attributes-all|attributes-fast|attributes-fast-all|export|all]" >&2; exit 2 ;;
 esac
