@@ -2,7 +2,7 @@
 mirror image's averaged in, at tau 0 and with the per-group decision rule re-chosen for each (a
 script, not a test; docs/models.md, "Attributes: a decision rule per group, APR, every identity").
 
-    python benchmarks/attribute_flip.py runs/attributes-osnet-128x64 --threads 1
+    python benchmarks/attribute_flip.py runs/attributes-osnet-128x64 --threads 1 [--checkpoint last.pt]
 
 The run's own split and decoded-image cache are used (``REID_DATA_ROOT`` where its config's data
 root is not on this machine).
@@ -38,6 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--checkpoint", default=BEST, help="the run's checkpoint file (last.pt: its last epoch)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = AttributeTrainConfig.load(args.run_dir / CONFIG_FILE).replace(progress=False)
@@ -45,7 +48,7 @@ def main() -> None:
         config = config.replace(data_root=os.environ["REID_DATA_ROOT"])
     data = load_attribute_data(config, args.run_dir)
     task = AttributeTask(config, data, model=build_attribute_net(config.replace(init_weights=None)))
-    task.model.load_state_dict(load_checkpoint(args.run_dir / BEST)["model"])
+    task.model.load_state_dict(load_checkpoint(args.run_dir / args.checkpoint)["model"])
     plain, labels = task.validation_logits()
     original = data.val_images
     data.val_images = original.flip(-1)  # (N, C, H, W): mirror left and right
@@ -53,7 +56,7 @@ def main() -> None:
     data.val_images = original
     priors = log_priors(data.train_labels)
     flipped = {name: (plain[name] + mirrored[name]) / 2 for name in plain}
-    print(f"{args.run_dir}: {len(labels)} validation images; mean accuracy / mA / mA_two_class")
+    print(f"{args.run_dir / args.checkpoint}: {len(labels)} validation images; mean acc. / mA / mA_two_class")
     for name, logits in (("plain", plain), ("flip (logits averaged)", flipped)):
         tradeoff = logit_adjustment_tradeoff(logits, labels, priors)
         taus = per_group_taus(tradeoff)

@@ -17,6 +17,10 @@ from typing import Any, ClassVar, TypeVar
 C = TypeVar("C", bound="TrainConfig")
 
 
+# ``monitor`` value that keeps the last epoch (a schedule run to its end, as --train-all runs are).
+MONITOR_LAST = "epoch"
+
+
 @dataclass
 class TrainConfig:
     """Fields every training run has. Defaults are the report's (Adam, lr 1e-4, wd 5e-4, batch 128)."""
@@ -53,7 +57,7 @@ class TrainConfig:
     ema_decay: float = 0.0
 
     # Early stopping and checkpoints
-    monitor: str = "val_loss"
+    monitor: str = "val_loss"  # a validation value, or "epoch": keep the last epoch, never stop early
     monitor_mode: str = "min"  # min | max
     patience: int = 5  # epochs without improvement before stopping; 0 disables early stopping
 
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.monitor_mode not in ("min", "max"):
             raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
+        if self.monitor == MONITOR_LAST:  # the epoch number only grows: the last epoch is the best
+            self.monitor_mode, self.patience = "max", 0
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.layout not in ("auto", "course", "original"):
@@ -143,7 +149,7 @@ class AttributeTrainConfig(TrainConfig):
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
-            self.monitor, self.monitor_mode, self.patience = "epoch", "max", 0
+            self.monitor, self.monitor_mode, self.patience = MONITOR_LAST, "max", 0
 
 
 def read_task(path: str | Path) -> str:

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.config import TrainConfig
+from training.config import MONITOR_LAST, TrainConfig
 from training.ema import WeightAverage
 
 CONFIG_FILE = "config.json"
@@ -319,7 +319,7 @@ class Trainer:
                 with torch.no_grad(), self.autocast():
                     val = {k: float(v) for k, v in task.validate().items()}
                 model.train()
-            if cfg.monitor not in val:
+            if cfg.monitor != MONITOR_LAST and cfg.monitor not in val:
                 raise KeyError(f"validate() returned no {cfg.monitor!r} (got {', '.join(sorted(val))})")
             record = {
                 "epoch": epoch,
@@ -330,7 +330,7 @@ class Trainer:
                 "images_per_s": round(images_per_s, 1),
             }
             history.append(record)
-            value = val[cfg.monitor]
+            value = float(epoch) if cfg.monitor == MONITOR_LAST else val[cfg.monitor]
             if best_value is None or sign * (value - best_value) > 0:
                 best_value, best_epoch, bad_epochs = value, epoch, 0
                 weights = ema.state if ema is not None else model.state_dict()  # what was validated

@@ -114,6 +114,17 @@ def test_monitor_max_mode(tmp_path):
     assert result.best_value == max(r["score"] for r in result.history)
 
 
+def test_monitor_epoch_keeps_the_last_epoch(tmp_path):
+    # Validation is still run and recorded, but the schedule's end is kept even when an earlier
+    # epoch scored better (a flat loss: epoch 1 would win under val_loss), and nothing stops early.
+    cfg = config(tmp_path, epochs=4, monitor="epoch", patience=2)
+    assert (cfg.monitor_mode, cfg.patience) == ("max", 0)
+    result = Trainer(cfg).fit(ToyTask(flat=True))
+    assert not result.stopped_early and result.best_epoch == 4 and len(result.history) == 4
+    assert load_checkpoint(tmp_path / BEST)["epoch"] == 4
+    assert all("val_loss" in r for r in result.history)
+
+
 def test_missing_monitor_key(tmp_path):
     with pytest.raises(KeyError, match="nope"):
         Trainer(config(tmp_path, monitor="nope")).fit(ToyTask())

@@ -48,7 +48,8 @@ def train_attributes(
         str | None,
         typer.Option(
             help="Validation value that picks the best epoch and drives early stopping: val_loss "
-            "(the report's, default), mean_accuracy or mA (maximised)."
+            "(the report's, default), mean_accuracy or mA (maximised); epoch keeps the last epoch "
+            "(the schedule run to its end, as --train-all does)."
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,

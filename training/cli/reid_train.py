@@ -175,7 +175,8 @@ def train_reid(
         str | None,
         Opt(
             help="Validation value that picks the best epoch and drives early stopping: val_loss "
-            "(minimised; the report recipe's), mAP (the modern recipe's), rank1, mINP or map80 (maximised)."
+            "(minimised; the report recipe's), mAP (the modern recipe's), rank1, mINP or map80 (maximised); "
+            "epoch keeps the last epoch."
         ),
     ] = None,
     loss_lambda: Annotated[float | None, Opt("--lambda", help="Weight of every loss term (0.5).")] = None,

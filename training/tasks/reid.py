@@ -37,7 +37,7 @@ from torch import nn
 
 from app.nets.reid import CLASSIFIERS, ReIDNet, ReIDNetConfig
 from app.retrieval import QE_NEIGHBOURS
-from training.config import TrainConfig
+from training.config import MONITOR_LAST, TrainConfig
 from training.data.cache import cached_images
 from training.data.market import list_images
 from training.data.samplers import PKSampler, TripletSampler
@@ -143,7 +143,7 @@ class ReIDTrainConfig(TrainConfig):
         if self.distractor_every < 1:
             raise ValueError(f"distractor_every must be at least 1, got {self.distractor_every}")
         if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
-            self.monitor, self.monitor_mode, self.patience = "epoch", "max", 0
+            self.monitor, self.monitor_mode, self.patience = MONITOR_LAST, "max", 0
 
     @classmethod
     def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> ReIDTrainConfig:
