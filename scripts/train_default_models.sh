@@ -66,12 +66,11 @@ reid_all() {  # reid_all INPUT_SIZE [ARGS]: the same recipe and schedule on ever
   resume_or "$RUNS/reid-osnet-$size-all" train-reid "${REID_RECIPE[@]}" --input-size "$size" --train-all "$@"
 }
 
-ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --batch-size 64 --lr 3e-4 --weight-decay 5e-4)
-FAST_ATTRIBUTES=(--input-size 128x64 --epochs 16 --lr-steps "10,14" --monitor mean_accuracy --patience 6)
-# At 256x128 the 16-epoch schedule was still improving at its end: 24 epochs gave +0.008 mA at equal
-# accuracy at every tau (docs/models.md). The split run keeps its last epoch, the one the all-identity
-# run ships, so that the validation it carries is of the same point of the schedule.
-ATTRIBUTES_256=(--input-size 256x128 --epochs 24 --lr-steps "16,21" --monitor epoch)
+# 24 epochs, lr / 10 at 16 and 21: +0.008-0.013 mA at equal accuracy at tau 0-0.5 against 16 epochs,
+# at both input sizes (docs/models.md). The split run keeps its last epoch (--monitor epoch), the one
+# the all-identity run ships, so that the validation it carries is of the same point of the schedule.
+ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --batch-size 64 --lr 3e-4 --weight-decay 5e-4
+  --epochs 24 --lr-steps "16,21" --monitor epoch)
 
 split_reid_bundle() {  # the split-trained 256x128 re-ID bundle (its validation is what reid carries)
   [ -f "$RUNS/bundles/reid-split/manifest.json" ] ||
@@ -81,16 +80,16 @@ split_reid_bundle() {  # the split-trained 256x128 re-ID bundle (its validation 
 attributes() {
   # Warm start from the re-ID network of the same input size (docs/models.md, attributes at 256x128).
   split_reid_bundle
-  resume_or "$RUNS/attributes-osnet-256x128" train-attributes "${ATTRIBUTE_RECIPE[@]}" "${ATTRIBUTES_256[@]}" \
-    --init-weights "$RUNS/bundles/reid-split"
+  resume_or "$RUNS/attributes-osnet-256x128" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 256x128 --init-weights "$RUNS/bundles/reid-split"
 }
 
 attributes_all() {  # the shipped default: the same recipe on every identity, from the shipped reid
   split_reid_bundle
   [ -f models_store/reid/manifest.json ] ||
     reid-train export "$RUNS/reid-osnet-256x128-all" --name reid --metrics-from "$RUNS/bundles/reid-split"
-  resume_or "$RUNS/attributes-osnet-256x128-all" train-attributes "${ATTRIBUTE_RECIPE[@]}" "${ATTRIBUTES_256[@]}" \
-    --init-weights models_store/reid --train-all
+  resume_or "$RUNS/attributes-osnet-256x128-all" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 256x128 --init-weights models_store/reid --train-all
 }
 
 fast_split_bundle() {  # the split-trained 128x64 re-ID bundle (its validation is what reid-128x64 carries)
@@ -107,8 +106,8 @@ attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from th
     [ -f "$init/manifest.json" ] || { fast_split_bundle &&
       reid-train export "$RUNS/reid-osnet-128x64-all" --name reid-128x64 --metrics-from "$RUNS/bundles/reid-fast-split"; }
   fi
-  resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" "${FAST_ATTRIBUTES[@]}" \
-    --init-weights "$init" "$@"
+  resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
+    --input-size 128x64 --init-weights "$init" "$@"
 }
 
 evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol into its manifest
