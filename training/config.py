@@ -141,6 +141,8 @@ class AttributeTrainConfig(TrainConfig):
     monitor_mode: str = "min"
 
     def __post_init__(self) -> None:
+        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one (TrainConfig's rule)
+            self.monitor = MONITOR_LAST
         super().__post_init__()
         if self.class_weights not in ("majority", "sqrt", "none"):
             raise ValueError(f"class_weights must be majority, sqrt or none, got {self.class_weights!r}")
@@ -148,8 +150,6 @@ class AttributeTrainConfig(TrainConfig):
             raise ValueError(f"id_loss_weight must be >= 0, got {self.id_loss_weight}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
-        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
-            self.monitor, self.monitor_mode, self.patience = MONITOR_LAST, "max", 0
 
 
 def read_task(path: str | Path) -> str:

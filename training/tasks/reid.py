@@ -127,6 +127,8 @@ class ReIDTrainConfig(TrainConfig):
     patience: int = 5
 
     def __post_init__(self) -> None:
+        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one (TrainConfig's rule)
+            self.monitor = MONITOR_LAST
         super().__post_init__()
         if self.triplet not in TRIPLETS:
             raise ValueError(f"triplet must be one of {', '.join(TRIPLETS)}, got {self.triplet!r}")
@@ -142,8 +144,6 @@ class ReIDTrainConfig(TrainConfig):
             self.batch_size = self.p * self.k
         if self.distractor_every < 1:
             raise ValueError(f"distractor_every must be at least 1, got {self.distractor_every}")
-        if self.train_all:  # nothing unseen to choose an epoch on: keep the last one
-            self.monitor, self.monitor_mode, self.patience = MONITOR_LAST, "max", 0
 
     @classmethod
     def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> ReIDTrainConfig:
