@@ -127,6 +127,7 @@ class AttributeTrainConfig(TrainConfig):
 
     dropout: float = 0.2
     last_stride: int = 2
+    stripes: int = 0  # horizontal stripes pooled beside the global average for the heads (AttributeNet)
     class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
     # APR (Lin et al. 2019): an identity classifier on the pooled features, trained with the heads and
     # dropped at export; its label-smoothed cross-entropy is added with this weight (0 = off).
@@ -150,6 +151,8 @@ class AttributeTrainConfig(TrainConfig):
             raise ValueError(f"id_loss_weight must be >= 0, got {self.id_loss_weight}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+        if self.stripes < 0:
+            raise ValueError(f"stripes must be >= 0, got {self.stripes}")
 
 
 def read_task(path: str | Path) -> str:

@@ -1,4 +1,10 @@
-"""The multi-head attribute classifier: a backbone, global average pooling, one head per group."""
+"""The multi-head attribute classifier: a backbone, global average pooling, one head per group.
+
+``stripes`` N > 0 also pools N horizontal stripes of the final map (PCB's part pooling, Sun et al.
+2018) and the heads read the global feature and the stripes side by side: upper- and lower-body
+attributes (colours, sleeve and lower length) live in different rows of a pedestrian crop, and a
+global average mixes them.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class AttributeNetConfig:
     heads: dict[str, int] = field(default_factory=_default_heads)
     dropout: float = 0.2
     last_stride: int = 2  # 1: the last stage at half the usual stride (``build_backbone``)
+    stripes: int = 0  # horizontal stripes pooled beside the global average (0: global only)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -41,11 +48,20 @@ class AttributeNetConfig:
         return cls(**d)  # type: ignore[arg-type]
 
 
+def stripe_bins(height: int, stripes: int) -> list[tuple[int, int]]:
+    """Row ranges of ``stripes`` horizontal stripes over ``height`` rows (adaptive pooling's bins)."""
+    if not 0 < stripes <= height:
+        raise ValueError(f"cannot pool {stripes} stripes from a map {height} rows tall")
+    return [((i * height) // stripes, -(-(i + 1) * height // stripes)) for i in range(stripes)]
+
+
 class AttributeNet(nn.Module):
-    """Backbone + GAP + {group: Dropout + Linear}; ``forward`` returns logits per group."""
+    """Backbone + GAP (+ stripes) + {group: Dropout + Linear}; ``forward`` returns logits per group."""
 
     def __init__(self, config: AttributeNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
+        if config.stripes < 0:
+            raise ValueError(f"stripes must be >= 0, got {config.stripes}")
         self.config = config
         parts = build_backbone(config.backbone, init_weights=init_weights, last_stride=config.last_stride)
         self.normalize = Normalize(config.mean, config.std)
@@ -54,7 +70,9 @@ class AttributeNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.ModuleDict(
             {
-                name: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(parts.channels, n))
+                name: nn.Sequential(
+                    nn.Dropout(config.dropout), nn.Linear(parts.channels * (1 + config.stripes), n)
+                )
                 for name, n in config.heads.items()
             }
         )
@@ -66,8 +84,14 @@ class AttributeNet(nn.Module):
         return first[1].in_features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (N, feature_dim)."""
-        return self.pool(self.last_stage(self.trunk(self.normalize(images)))).flatten(1)
+        """Pooled backbone features (N, feature_dim): the global average, then each stripe's."""
+        fmap = self.last_stage(self.trunk(self.normalize(images)))
+        pooled = self.pool(fmap).flatten(1)
+        if not self.config.stripes:
+            return pooled
+        # The map's height is fixed by the input size, so the ONNX trace records constant slices.
+        rows = stripe_bins(int(fmap.shape[2]), self.config.stripes)
+        return torch.cat([pooled, *(fmap[:, :, a:b].mean((2, 3)) for a, b in rows)], 1)
 
     def classify(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per group of pooled features."""

@@ -59,12 +59,14 @@ def test_label_matrix_empty():
     assert label_matrix([], {}).shape == (0, 12)
 
 
-def test_learns_on_generated_data(tmp_path, tiny):
+@pytest.mark.parametrize("stripes", [0, 2])
+def test_learns_on_generated_data(tmp_path, tiny, stripes):
     """Validation accuracy clearly above the majority-class baseline after a few epochs."""
     make_course_dataset(tmp_path / "data", n_ids=100, images_per_id=4, size=(32, 16), seed=3)
     cfg = AttributeTrainConfig(
         data_root=str(tmp_path / "data"), backbone=tiny, input_size=(32, 16), epochs=8, batch_size=32,
         lr=3e-3, patience=0, flip=False, pad=1, erase_p=0.0, cache_dir="", device="cpu", progress=False,
+        stripes=stripes,
     )  # fmt: skip
     seed_everything(0)
     data = load_attribute_data(cfg, tmp_path / "run")

@@ -95,6 +95,13 @@ def train_attributes(
         int | None,
         typer.Option(help="1 halves the last downsampling: a final map twice as tall and wide (slower)."),
     ] = None,
+    stripes: Annotated[
+        int | None,
+        typer.Option(
+            help="Also pool N horizontal stripes of the final map for the heads, beside the global "
+            "average (0: global only, the default; 2: upper and lower body)."
+        ),
+    ] = None,
     train_all: Annotated[
         bool | None,
         typer.Option(
@@ -139,6 +146,7 @@ def train_attributes(
         "class_weights": class_weights,
         "id_loss_weight": id_loss_weight,
         "last_stride": last_stride,
+        "stripes": stripes,
         "train_all": train_all,
         "progress": progress,
     }

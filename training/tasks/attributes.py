@@ -148,6 +148,7 @@ def build_attribute_net(config: AttributeTrainConfig) -> AttributeNet:
         input_size=config.input_size,
         dropout=config.dropout,
         last_stride=config.last_stride,
+        stripes=config.stripes,
     )
     if is_bundle_dir(config.init_weights):
         net = AttributeNet(net_config)
@@ -337,7 +338,9 @@ def attribute_report(
         "# Attribute classifier run",
         "",
         f"- Backbone `{config.backbone}`, input {config.input_size[0]}x{config.input_size[1]}, "
-        f"init weights `{config.init_weights}`",
+        f"last stride {config.last_stride}, heads on the global average"
+        + (f" and {config.stripes} horizontal stripes" if config.stripes else "")
+        + f", init weights `{config.init_weights}`",
         f"- Data `{config.data_root}` ({config.layout} layout, "
         f"fingerprint `{config.data_fingerprint[:12]}`): "
         f"{result['identities']['train']} / {result['identities']['val']} identities, "
