@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PRUNE_SECONDS = 3600.0  # how often a replica prunes the change log
+SCORE_DECIMALS = 6  # scores are returned rounded to this; min_score compares the rounded value
 
 GroupBy = Literal["entry", "identity"]
 EnrollStatus = Literal["created", "existing", "refreshed"]
@@ -796,7 +797,9 @@ class Gallery:
                     scores, ids = self._rescored(collection, vector, scores, ids, rescore, search)
                 scores, ids = scores[:k], ids[:k]
                 if min_score is not None:
-                    keep = scores >= min_score
+                    # Compare the scores as returned (rounded), so that a score read off one response
+                    # and sent back as min_score keeps every entry that showed it.
+                    keep = np.array([round(float(s), SCORE_DECIMALS) >= min_score for s in scores], bool)
                     scores, ids = scores[keep], ids[keep]
                 rows = store.match_rows(session, ids=ids.tolist())
                 hits = [(float(s), rows[i]) for s, i in zip(scores, ids.tolist(), strict=True) if i in rows]
@@ -815,7 +818,11 @@ class Gallery:
                     break
                 k *= 4
         matches = [
-            {**row, "score": round(score, 6), "is_match": threshold is not None and score >= threshold}
+            {
+                **row,
+                "score": round(score, SCORE_DECIMALS),
+                "is_match": threshold is not None and score >= threshold,
+            }
             for score, row in hits[:top_k]
         ]
         if self.metrics is not None:
