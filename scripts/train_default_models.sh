@@ -97,6 +97,11 @@ fast_split_bundle() {  # the split-trained 128x64 re-ID bundle (its validation i
     reid-train export "$RUNS/reid-osnet-128x64" --store "$RUNS/bundles" --name reid-fast-split
 }
 
+# At 128x64 the heads also read 2 horizontal stripes of the final map: +0.009-0.011 mA at equal
+# accuracy at every tau up to 0.75, mostly the colours (docs/models.md, stripe pooling). Measured
+# at 256x128 too (+0.012-0.016 mA, +0.002-0.004 accuracy), not yet trained there on every identity.
+FAST_ATTRIBUTES=(--stripes 2)
+
 attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from the 128x64 re-ID bundle
   local init=$RUNS/bundles/reid-fast-split
   if [ -z "${1:-}" ]; then
@@ -107,7 +112,7 @@ attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from th
       reid-train export "$RUNS/reid-osnet-128x64-all" --name reid-128x64 --metrics-from "$RUNS/bundles/reid-fast-split"; }
   fi
   resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
-    --input-size 128x64 --init-weights "$init" "$@"
+    "${FAST_ATTRIBUTES[@]}" --input-size 128x64 --init-weights "$init" "$@"
 }
 
 evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol into its manifest
