@@ -45,6 +45,8 @@ def test_round_trip_identical(attribute_run, tmp_path):
     assert manifest.training_config["backbone"] == "osnet_x0_25"
     assert {"mean_accuracy", "mA", "instance_f1", "best_epoch", "majority_baseline"} <= set(manifest.metrics)
     assert manifest.command == "test" and len(manifest.weights_sha256) == 64
+    modes = {f.name: f.stat().st_mode & 0o777 for f in bundle.iterdir()}
+    assert all(mode == modes["manifest.json"] for mode in modes.values()), modes  # the umask's, for all
     recorded = (attribute_run / "commands.txt").read_text().splitlines()
     assert len(recorded) == 1 and manifest.training_commands == recorded
 
