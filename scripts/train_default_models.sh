@@ -69,8 +69,10 @@ reid_all() {  # reid_all INPUT_SIZE [ARGS]: the same recipe and schedule on ever
 # 24 epochs, lr / 10 at 16 and 21: +0.008-0.013 mA at equal accuracy at tau 0-0.5 against 16 epochs,
 # at both input sizes (docs/models.md). The split run keeps its last epoch (--monitor epoch), the one
 # the all-identity run ships, so that the validation it carries is of the same point of the schedule.
+# The heads also read 2 horizontal stripes of the final map (--stripes 2): at tau 0 +0.001-0.011
+# accuracy and +0.009-0.024 mA at both sizes, mostly the colours (docs/models.md, stripe pooling).
 ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --batch-size 64 --lr 3e-4 --weight-decay 5e-4
-  --epochs 24 --lr-steps "16,21" --monitor epoch)
+  --epochs 24 --lr-steps "16,21" --monitor epoch --stripes 2)
 
 split_reid_bundle() {  # the split-trained 256x128 re-ID bundle (its validation is what reid carries)
   [ -f "$RUNS/bundles/reid-split/manifest.json" ] ||
@@ -97,11 +99,6 @@ fast_split_bundle() {  # the split-trained 128x64 re-ID bundle (its validation i
     reid-train export "$RUNS/reid-osnet-128x64" --store "$RUNS/bundles" --name reid-fast-split
 }
 
-# At 128x64 the heads also read 2 horizontal stripes of the final map: +0.009-0.011 mA at equal
-# accuracy at every tau up to 0.75, mostly the colours (docs/models.md, stripe pooling). Measured
-# at 256x128 too (+0.012-0.016 mA, +0.002-0.004 accuracy), not yet trained there on every identity.
-FAST_ATTRIBUTES=(--stripes 2)
-
 attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from the 128x64 re-ID bundle
   local init=$RUNS/bundles/reid-fast-split
   if [ -z "${1:-}" ]; then
@@ -112,7 +109,7 @@ attributes_fast() {  # attributes_fast [--train-all]: the 128x64 recipe, from th
       reid-train export "$RUNS/reid-osnet-128x64-all" --name reid-128x64 --metrics-from "$RUNS/bundles/reid-fast-split"; }
   fi
   resume_or "$RUNS/attributes-osnet-128x64${1:+-all}" train-attributes "${ATTRIBUTE_RECIPE[@]}" \
-    "${FAST_ATTRIBUTES[@]}" --input-size 128x64 --init-weights "$init" "$@"
+    --input-size 128x64 --init-weights "$init" "$@"
 }
 
 evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol into its manifest
