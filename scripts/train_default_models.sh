@@ -69,8 +69,8 @@ reid_all() {  # reid_all INPUT_SIZE [ARGS]: the same recipe and schedule on ever
 # 24 epochs, lr / 10 at 16 and 21: +0.008-0.013 mA at equal accuracy at tau 0-0.5 against 16 epochs,
 # at both input sizes (docs/models.md). The split run keeps its last epoch (--monitor epoch), the one
 # the all-identity run ships, so that the validation it carries is of the same point of the schedule.
-# The heads also read 2 horizontal stripes of the final map (--stripes 2): at tau 0 +0.001-0.011
-# accuracy and +0.009-0.024 mA at both sizes, mostly the colours (docs/models.md, stripe pooling).
+# The heads also read 2 horizontal stripes of the final map (--stripes 2): at tau 0 accuracy +0.000 /
+# +0.004 and mA +0.009 / +0.016 at 128x64 / 256x128, mostly the colours (docs/models.md, stripe pooling).
 ATTRIBUTE_RECIPE=(--backbone osnet_x0_25 --class-weights none --batch-size 64 --lr 3e-4 --weight-decay 5e-4
   --epochs 24 --lr-steps "16,21" --monitor epoch --stripes 2)
 
