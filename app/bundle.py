@@ -148,12 +148,19 @@ def read_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def write_manifest(directory: str | Path, manifest: Manifest) -> None:
-    """Write ``manifest.json`` atomically (a crash leaves the old one or the new one)."""
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a bundle file atomically (a crash leaves the old one or the new one).
+
+    A fresh file each time: it gets the umask's mode, not an old file's (or a library's 0600).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically."""
+    replace_file(Path(directory) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
 def verified_bytes(directory: str | Path, file: str, sha256: str, what: str) -> bytes:

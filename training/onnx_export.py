@@ -29,6 +29,7 @@ from app.bundle import (
     OnnxGraph,
     file_sha256,
     read_manifest,
+    replace_file,
     write_manifest,
 )
 from app.nets.bundles import load_bundle
@@ -131,9 +132,7 @@ def add_onnx(
             f"(tolerance {tolerance:g}); no graph written"
         )
     path = directory / ONNX_GRAPH
-    tmp = path.with_suffix(".onnx.tmp")
-    tmp.write_bytes(graph)
-    tmp.replace(path)
+    replace_file(path, graph)
     record = OnnxGraph(
         sha256=file_sha256(path),
         opset=opset,

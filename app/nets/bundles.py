@@ -14,7 +14,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as dump_safetensors
 from torch import nn
 
-from app.bundle import BundleError, Manifest, Task, file_sha256, read_manifest, verified_bytes, write_manifest
+from app.bundle import (
+    BundleError,
+    Manifest,
+    Task,
+    file_sha256,
+    read_manifest,
+    replace_file,
+    verified_bytes,
+    write_manifest,
+)
 from app.nets.attributes import AttributeNet, AttributeNetConfig
 from app.nets.reid import ReIDNet, ReIDNetConfig
 
@@ -41,11 +50,8 @@ def save_bundle(
         for k, v in model.state_dict().items()
     }
     weights = directory / manifest.weights_file
-    # save_file writes mode 0600 and an overwrite keeps an old file's mode: a fresh file gets the umask's,
-    # as the manifest and graph do, so the service's user (in the image too) can read what was exported
-    tmp = weights.with_name(weights.name + ".tmp")
-    tmp.write_bytes(dump_safetensors(state))
-    tmp.replace(weights)
+    # not save_file: it writes mode 0600, which the service's user (in an image too) may not read
+    replace_file(weights, dump_safetensors(state))
     manifest = manifest.model_copy(
         update={
             "weights_sha256": file_sha256(weights),
