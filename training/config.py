@@ -80,6 +80,8 @@ class TrainConfig:
         self.lr_steps = tuple(int(v) for v in self.lr_steps)
         if len(self.input_size) != 2 or min(self.input_size) < 8:
             raise ValueError(f"input_size must be (height, width) of at least 8, got {self.input_size}")
+        if not 0.0 <= self.erase_p <= 1.0:
+            raise ValueError(f"erase_p must be in [0, 1], got {self.erase_p}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.monitor_mode not in ("min", "max"):
@@ -128,6 +130,7 @@ class AttributeTrainConfig(TrainConfig):
     dropout: float = 0.2
     last_stride: int = 2
     stripes: int = 0  # horizontal stripes pooled beside the global average for the heads (AttributeNet)
+    max_pool: bool = False  # the global max pooled beside the average for the heads (AttributeNet)
     class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
     # APR (Lin et al. 2019): an identity classifier on the pooled features, trained with the heads and
     # dropped at export; its label-smoothed cross-entropy is added with this weight (0 = off).

@@ -3,7 +3,8 @@
 ``stripes`` N > 0 also pools N horizontal stripes of the final map (PCB's part pooling, Sun et al.
 2018) and the heads read the global feature and the stripes side by side: upper- and lower-body
 attributes (colours, sleeve and lower length) live in different rows of a pedestrian crop, and a
-global average mixes them.
+global average mixes them. ``max_pool`` also adds the global max of the map: small items (a hat, a
+handbag) fill a few positions, which an average dilutes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AttributeNetConfig:
     dropout: float = 0.2
     last_stride: int = 2  # 1: the last stage at half the usual stride (``build_backbone``)
     stripes: int = 0  # horizontal stripes pooled beside the global average (0: global only)
+    max_pool: bool = False  # the global max of the final map beside the average
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -56,7 +58,7 @@ def stripe_bins(height: int, stripes: int) -> list[tuple[int, int]]:
 
 
 class AttributeNet(nn.Module):
-    """Backbone + GAP (+ stripes) + {group: Dropout + Linear}; ``forward`` returns logits per group."""
+    """Backbone + GAP (+ max, + stripes) + {group: Dropout + Linear}; ``forward`` gives logits per group."""
 
     def __init__(self, config: AttributeNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
@@ -71,7 +73,8 @@ class AttributeNet(nn.Module):
         self.heads = nn.ModuleDict(
             {
                 name: nn.Sequential(
-                    nn.Dropout(config.dropout), nn.Linear(parts.channels * (1 + config.stripes), n)
+                    nn.Dropout(config.dropout),
+                    nn.Linear(parts.channels * (1 + int(config.max_pool) + config.stripes), n),
                 )
                 for name, n in config.heads.items()
             }
@@ -84,14 +87,17 @@ class AttributeNet(nn.Module):
         return first[1].in_features
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (N, feature_dim): the global average, then each stripe's."""
+        """Pooled backbone features (N, feature_dim): the global average, the global max (with
+        ``max_pool``), then each stripe's average."""
         fmap = self.last_stage(self.trunk(self.normalize(images)))
-        pooled = self.pool(fmap).flatten(1)
-        if not self.config.stripes:
-            return pooled
-        # The map's height is fixed by the input size, so the ONNX trace records constant slices.
-        rows = stripe_bins(int(fmap.shape[2]), self.config.stripes)
-        return torch.cat([pooled, *(fmap[:, :, a:b].mean((2, 3)) for a, b in rows)], 1)
+        pooled = [self.pool(fmap).flatten(1)]
+        if self.config.max_pool:
+            pooled.append(fmap.amax((2, 3)))
+        if self.config.stripes:
+            # The map's height is fixed by the input size, so the ONNX trace records constant slices.
+            rows = stripe_bins(int(fmap.shape[2]), self.config.stripes)
+            pooled += [fmap[:, :, a:b].mean((2, 3)) for a, b in rows]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
 
     def classify(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per group of pooled features."""

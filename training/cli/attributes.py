@@ -102,6 +102,16 @@ def train_attributes(
             "average (0: global only, the default; 2: upper and lower body)."
         ),
     ] = None,
+    max_pool: Annotated[
+        bool | None,
+        typer.Option(
+            "--max-pool/--no-max-pool",
+            help="Also pool the final map's global max for the heads (small items: hat, handbag).",
+        ),
+    ] = None,
+    erase_p: Annotated[
+        float | None, typer.Option(help="Random-erasing probability of the training crops (default 0.5).")
+    ] = None,
     train_all: Annotated[
         bool | None,
         typer.Option(
@@ -147,6 +157,8 @@ def train_attributes(
         "id_loss_weight": id_loss_weight,
         "last_stride": last_stride,
         "stripes": stripes,
+        "max_pool": max_pool,
+        "erase_p": erase_p,
         "train_all": train_all,
         "progress": progress,
     }

@@ -149,6 +149,7 @@ def build_attribute_net(config: AttributeTrainConfig) -> AttributeNet:
         dropout=config.dropout,
         last_stride=config.last_stride,
         stripes=config.stripes,
+        max_pool=config.max_pool,
     )
     if is_bundle_dir(config.init_weights):
         net = AttributeNet(net_config)
@@ -339,6 +340,7 @@ def attribute_report(
         "",
         f"- Backbone `{config.backbone}`, input {config.input_size[0]}x{config.input_size[1]}, "
         f"last stride {config.last_stride}, heads on the global average"
+        + (" and max" if config.max_pool else "")
         + (f" and {config.stripes} horizontal stripes" if config.stripes else "")
         + f", init weights `{config.init_weights}`",
         f"- Data `{config.data_root}` ({config.layout} layout, "
