@@ -131,6 +131,7 @@ class AttributeTrainConfig(TrainConfig):
     last_stride: int = 2
     stripes: int = 0  # horizontal stripes pooled beside the global average for the heads (AttributeNet)
     max_pool: bool = False  # the global max pooled beside the average for the heads (AttributeNet)
+    label_smoothing: float = 0.0  # of the heads' training cross-entropy (labels are per identity)
     class_weights: str = "majority"  # majority (majority count / class count) | sqrt (its root) | none
     # APR (Lin et al. 2019): an identity classifier on the pooled features, trained with the heads and
     # dropped at export; its label-smoothed cross-entropy is added with this weight (0 = off).
@@ -156,6 +157,8 @@ class AttributeTrainConfig(TrainConfig):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
         if self.stripes < 0:
             raise ValueError(f"stripes must be >= 0, got {self.stripes}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def read_task(path: str | Path) -> str:

@@ -10,11 +10,13 @@ from torch import nn
 
 
 class MultiHeadCrossEntropy(nn.Module):
-    """Sum over attribute groups of class-weighted cross-entropy (the report's attribute loss)."""
+    """Sum over attribute groups of class-weighted cross-entropy (the report's attribute loss),
+    optionally label-smoothed."""
 
-    def __init__(self, class_weights: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, class_weights: Mapping[str, torch.Tensor], label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.names = list(class_weights)
+        self.label_smoothing = label_smoothing
         for name, weights in class_weights.items():
             self.register_buffer(f"w_{name}", torch.as_tensor(weights, dtype=torch.float32))
 
@@ -23,7 +25,12 @@ class MultiHeadCrossEntropy(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-group losses plus their sum under the key ``loss``."""
         losses = {
-            name: F.cross_entropy(logits[name].float(), targets[name], weight=getattr(self, f"w_{name}"))
+            name: F.cross_entropy(
+                logits[name].float(),
+                targets[name],
+                weight=getattr(self, f"w_{name}"),
+                label_smoothing=self.label_smoothing,
+            )
             for name in self.names
         }
         losses["loss"] = torch.stack(list(losses.values())).sum()

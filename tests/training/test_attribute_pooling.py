@@ -1,4 +1,4 @@
-"""Stripe and max pooling for the attribute heads: bins, features, CLI -> bundle -> ONNX graph."""
+"""Attribute heads: stripe and max pooling (bins, features, CLI -> bundle -> ONNX graph), training options."""
 
 from __future__ import annotations
 
@@ -69,7 +69,11 @@ def _train_args(course_root, tmp_path, *extra: str) -> list[str]:
     ("extra", "pooled", "report"),
     [
         ((), 3, "global average and 2 horizontal stripes"),
-        (("--max-pool", "--erase-p", "0"), 4, "global average and max and 2 horizontal stripes"),
+        (
+            ("--max-pool", "--erase-p", "0", "--label-smoothing", "0.1"),
+            4,
+            "global average and max and 2 horizontal stripes",
+        ),
     ],
 )
 def test_cli_run_with_stripes_exports_a_bundle_whose_graph_matches(
@@ -81,6 +85,7 @@ def test_cli_run_with_stripes_exports_a_bundle_whose_graph_matches(
     assert report in (run_dir / "report.md").read_text()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["erase_p"] == (0.0 if "--erase-p" in extra else 0.5)
+    assert config["label_smoothing"] == (0.1 if "--label-smoothing" in extra else 0.0)
     bundle = export_run(run_dir, store=tmp_path / "store", command="test")
     manifest = read_manifest(bundle)
     assert manifest.architecture["stripes"] == 2 and manifest.onnx is not None
@@ -93,8 +98,15 @@ def test_cli_run_with_stripes_exports_a_bundle_whose_graph_matches(
     assert max_difference(graph, net, manifest, check_batch((64, 32))) < 1e-4
 
 
-def test_cli_refuses_an_erasing_probability_outside_0_1(course_root, tmp_path):
-    result = CliRunner().invoke(app, _train_args(course_root, tmp_path, "--erase-p", "1.5"))
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--erase-p", "erase_p must be in [0, 1], got 1.5"),
+        ("--label-smoothing", "label_smoothing must be in [0, 1)"),
+    ],
+)
+def test_cli_refuses_out_of_range_augmentation_and_smoothing(course_root, tmp_path, option, message):
+    result = CliRunner().invoke(app, _train_args(course_root, tmp_path, option, "1.5"))
     assert result.exit_code != 0
-    assert "erase_p must be in [0, 1], got 1.5" in result.output
+    assert message in result.output
     assert "Traceback" not in result.output

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training.losses import (
+    MultiHeadCrossEntropy,
     batch_hard_triplet_loss,
     cosface_loss,
     identity_loss,
@@ -72,3 +73,15 @@ def test_cosface_subtracts_the_margin_from_the_true_class_only():
     plain = identity_loss(s * cosines, labels)
     assert cosface_loss(cosines, labels, scale=s, margin=0.0).item() == pytest.approx(plain.item())
     assert cosface_loss(cosines, labels, scale=s, margin=m) > plain
+
+
+def test_multi_head_loss_sums_groups_and_smooths_labels():
+    logits = {"a": torch.tensor([[0.0, math.log(3.0)]]), "b": torch.tensor([[math.log(3.0), 0.0, 0.0]])}
+    targets = {"a": torch.tensor([1]), "b": torch.tensor([0])}  # p = 3/4 and 3/5
+    weights = {"a": torch.ones(2), "b": torch.ones(3)}
+    plain = MultiHeadCrossEntropy(weights)(logits, targets)
+    assert plain["a"].item() == pytest.approx(-math.log(0.75))
+    assert plain["loss"].item() == pytest.approx(-math.log(0.75) - math.log(0.6))
+    smoothed = MultiHeadCrossEntropy(weights, label_smoothing=0.3)(logits, targets)
+    expect_b = 0.7 * -math.log(0.6) + 0.3 / 3 * (-math.log(0.6) - 2 * math.log(0.2))
+    assert smoothed["b"].item() == pytest.approx(expect_b)

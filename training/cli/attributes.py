@@ -112,6 +112,12 @@ def train_attributes(
     erase_p: Annotated[
         float | None, typer.Option(help="Random-erasing probability of the training crops (default 0.5).")
     ] = None,
+    label_smoothing: Annotated[
+        float | None,
+        typer.Option(
+            help="Label smoothing of the heads' training loss (default 0; validation loss unsmoothed)."
+        ),
+    ] = None,
     train_all: Annotated[
         bool | None,
         typer.Option(
@@ -159,6 +165,7 @@ def train_attributes(
         "stripes": stripes,
         "max_pool": max_pool,
         "erase_p": erase_p,
+        "label_smoothing": label_smoothing,
         "train_all": train_all,
         "progress": progress,
     }

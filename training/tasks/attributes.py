@@ -183,7 +183,9 @@ class AttributeTask:
                 self.weights = {k: w.sqrt() for k, w in self.weights.items()}
         else:
             self.weights = {g.name: torch.ones(g.num_classes) for g in ATTRIBUTE_GROUPS}
-        self.criterion = MultiHeadCrossEntropy(self.weights).to(self.device)
+        self.criterion = MultiHeadCrossEntropy(self.weights, config.label_smoothing).to(self.device)
+        # Validation loss without smoothing, so that runs with and without it compare.
+        self.val_criterion = MultiHeadCrossEntropy(self.weights).to(self.device)
         self.epoch = 0
         self.identities = data.train_identities()
         # Training only: not part of the model, so neither best.pt's model nor the bundle carries it.
@@ -271,7 +273,7 @@ class AttributeTask:
         evaluator = AttributeEvaluator()
         evaluator.process(logits, labels)
         on_device = {name: value.to(self.device) for name, value in logits.items()}
-        loss = self.criterion(on_device, self.targets(labels.to(self.device)))["loss"]
+        loss = self.val_criterion(on_device, self.targets(labels.to(self.device)))["loss"]
         return {"val_loss": float(loss), **evaluator.evaluate(confusion=confusion)}
 
 
