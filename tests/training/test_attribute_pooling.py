@@ -24,14 +24,18 @@ def test_stripe_bins_cover_the_rows_like_adaptive_pooling():
             stripe_bins(4, bad)
 
 
-def test_features_are_the_global_average_then_each_stripe():
+def _map_and_features(**options) -> tuple[AttributeNet, torch.Tensor, torch.Tensor]:
+    """A random network's final map and pooled features of two random crops."""
     torch.manual_seed(0)
-    net = AttributeNet(AttributeNetConfig(backbone="osnet_x0_25", input_size=(64, 32), stripes=2)).eval()
-    assert net.feature_dim == 3 * 128
+    net = AttributeNet(AttributeNetConfig(backbone="osnet_x0_25", input_size=(64, 32), **options)).eval()
     x = torch.rand(2, 3, 64, 32)
     with torch.no_grad():
-        fmap = net.last_stage(net.trunk(net.normalize(x)))
-        feat = net.features(x)
+        return net, net.last_stage(net.trunk(net.normalize(x))), net.features(x)
+
+
+def test_features_are_the_global_average_then_each_stripe():
+    net, fmap, feat = _map_and_features(stripes=2)
+    assert net.feature_dim == 3 * 128
     rows = fmap.shape[2]
     torch.testing.assert_close(feat[:, :128], fmap.mean((2, 3)))
     torch.testing.assert_close(feat[:, 128:256], fmap[:, :, : rows // 2].mean((2, 3)))
@@ -42,14 +46,8 @@ def test_features_are_the_global_average_then_each_stripe():
 
 
 def test_max_pool_adds_the_global_max_after_the_average():
-    torch.manual_seed(0)
-    config = AttributeNetConfig(backbone="osnet_x0_25", input_size=(64, 32), stripes=2, max_pool=True)
-    net = AttributeNet(config).eval()
+    net, fmap, feat = _map_and_features(stripes=2, max_pool=True)
     assert net.feature_dim == 4 * 128
-    x = torch.rand(2, 3, 64, 32)
-    with torch.no_grad():
-        fmap = net.last_stage(net.trunk(net.normalize(x)))
-        feat = net.features(x)
     rows = fmap.shape[2]
     torch.testing.assert_close(feat[:, :128], fmap.mean((2, 3)))
     torch.testing.assert_close(feat[:, 128:256], fmap.amax((2, 3)))
