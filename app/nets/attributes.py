@@ -16,7 +16,7 @@ from torch import nn
 
 from app.attribute_schema import ATTRIBUTE_GROUPS
 from app.nets.backbones import build_backbone
-from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize, stripe_bins
 
 
 def _default_heads() -> dict[str, int]:
@@ -48,13 +48,6 @@ class AttributeNetConfig:
             if key in d:
                 d[key] = tuple(d[key])  # type: ignore[arg-type]
         return cls(**d)  # type: ignore[arg-type]
-
-
-def stripe_bins(height: int, stripes: int) -> list[tuple[int, int]]:
-    """Row ranges of ``stripes`` horizontal stripes over ``height`` rows (adaptive pooling's bins)."""
-    if not 0 < stripes <= height:
-        raise ValueError(f"cannot pool {stripes} stripes from a map {height} rows tall")
-    return [((i * height) // stripes, -(-(i + 1) * height // stripes)) for i in range(stripes)]
 
 
 class AttributeNet(nn.Module):

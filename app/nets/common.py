@@ -1,4 +1,4 @@
-"""Pieces both networks share: the input normalisation that travels with the weights."""
+"""Pieces both networks share: the input normalisation that travels with the weights, stripe bins."""
 
 from __future__ import annotations
 
@@ -29,3 +29,10 @@ class Normalize(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float().div(255.0)
         return (x - self.mean) / self.std
+
+
+def stripe_bins(height: int, stripes: int) -> list[tuple[int, int]]:
+    """Row ranges of ``stripes`` horizontal stripes over ``height`` rows (adaptive pooling's bins)."""
+    if not 0 < stripes <= height:
+        raise ValueError(f"cannot pool {stripes} stripes from a map {height} rows tall")
+    return [((i * height) // stripes, -(-(i + 1) * height // stripes)) for i in range(stripes)]

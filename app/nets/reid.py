@@ -3,6 +3,10 @@
 Each branch: last stage -> global pooling -> (optional linear reduction) -> feature f used by the
 triplet loss -> BatchNorm neck -> identity classifier (training only). In eval mode the network returns
 only the embedding: both branches' neck features concatenated and L2-normalised.
+
+``stripes`` N > 0 adds PCB's part features (Sun et al. 2018): N horizontal stripes of the avg branch's
+final map, each average-pooled into its own BN neck and identity classifier (no triplet loss, as in
+PCB), their necks appended to the embedding. The last stage is not copied, so they cost a pooling.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.nets.backbones import build_backbone
-from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from app.nets.common import IMAGENET_MEAN, IMAGENET_STD, Normalize, stripe_bins
 
 
 @dataclass
@@ -37,6 +41,8 @@ class ReIDNetConfig:
     # Generalised-mean pooling (Radenovic et al. 2018) in the 'avg' branch, its exponent learned from
     # this start; None keeps average pooling (p = 1). The 'max' branch is the p -> infinity end.
     gem_p: float | None = None
+    # Horizontal stripes of the avg branch's map pooled as extra identity-trained parts (0: none).
+    stripes: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -93,6 +99,19 @@ class GeneralizedMeanPool(nn.Module):
             return F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1).pow(1.0 / p)
 
 
+class StripePool(nn.Module):
+    """Average of rows ``bins[index]`` of the map: one of ``stripes`` horizontal parts."""
+
+    def __init__(self, index: int, stripes: int) -> None:
+        super().__init__()
+        self.index, self.stripes = index, stripes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The map's height is fixed by the input size, so the ONNX trace records constant slices.
+        a, b = stripe_bins(int(x.shape[2]), self.stripes)[self.index]
+        return x[:, :, a:b].mean((2, 3), keepdim=True)
+
+
 class Branch(nn.Module):
     """One branch: its own copy of the last stage, pooling, reduction, BN neck, classifier."""
 
@@ -119,12 +138,16 @@ class Branch(nn.Module):
             self.classifier = nn.Linear(out, classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.reduce(self.pool(self.stage(x)).flatten(1))
+        return self.head(self.stage(x))
+
+    def head(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled (and reduced) feature and its BN-neck output of a final map."""
+        feat = self.reduce(self.pool(fmap).flatten(1))
         return feat, self.neck(feat)
 
 
 class ReIDNet(nn.Module):
-    """Shared trunk + avg-pool branch + max-pool branch."""
+    """Shared trunk + avg-pool branch + max-pool branch (+ stripe parts of the avg branch's map)."""
 
     def __init__(self, config: ReIDNetConfig, init_weights: str | None = None) -> None:
         super().__init__()
@@ -144,30 +167,46 @@ class ReIDNet(nn.Module):
                 "max": Branch(copy.deepcopy(parts.last_stage), nn.AdaptiveMaxPool2d(1), *head),
             }
         )
+        if config.stripes < 0:
+            raise ValueError(f"stripes must be >= 0, got {config.stripes}")
+        # Parts keep the backbone's channels: no reduction, so each adds channels to the embedding.
+        # A ModuleDict of their own keeps the branches' state-dict keys of earlier bundles.
+        part = (parts.channels, None, config.num_classes, config.classifier)
+        self.stripes = nn.ModuleDict(
+            {
+                f"stripe{i}": Branch(nn.Identity(), StripePool(i, config.stripes), *part)
+                for i in range(config.stripes)
+            }
+        )
 
     @property
     def embedding_dim(self) -> int:
-        return 2 * (self.config.branch_dim or self._channels())
+        return sum(b.neck.num_features for b in (*self.branches.values(), *self.stripes.values()))
 
-    def _channels(self) -> int:
-        return self.branches["avg"].neck.num_features
+    def outputs(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(pooled feature, BN-neck output) per branch and stripe, in embedding order."""
+        shared = self.trunk(self.normalize(images))
+        maps = {name: branch.stage(shared) for name, branch in self.branches.items()}
+        out = {name: branch.head(maps[name]) for name, branch in self.branches.items()}
+        out.update({part: stripe.head(maps["avg"]) for part, stripe in self.stripes.items()})
+        return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | ReIDTrainOutput:
         flip = self.config.flip_average and not self.training
         if flip:  # crops and their mirror images in one pass
             images = torch.cat([images, images.flip(-1)])
-        shared = self.trunk(self.normalize(images))
-        outputs = {name: branch(shared) for name, branch in self.branches.items()}
+        outputs = self.outputs(images)
         if not self.training:
             embedding = F.normalize(torch.cat([neck for _, neck in outputs.values()], dim=1), dim=1)
             if flip:
                 plain, mirrored = embedding.chunk(2)
                 embedding = F.normalize(plain + mirrored, dim=1)
             return embedding
-        features = {name: feat for name, (feat, _) in outputs.items()}
+        # The triplet loss sees the two global branches only; stripes learn from identities (PCB).
+        features = {name: outputs[name][0] for name in self.branches}
         logits = {
             name: branch.classifier(outputs[name][1])
-            for name, branch in self.branches.items()
+            for name, branch in (*self.branches.items(), *self.stripes.items())
             if branch.classifier is not None
         }
         return ReIDTrainOutput(features=features, logits=logits)

@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from app.bundle import read_manifest
-from app.nets.attributes import AttributeNet, AttributeNetConfig, stripe_bins
+from app.nets.attributes import AttributeNet, AttributeNetConfig
+from app.nets.common import stripe_bins
 from training.cli import app
 from training.export import export_run
 from training.onnx_export import check_batch, max_difference

@@ -81,6 +81,21 @@ def test_mean_pooling_exponent_and_stride_eight_last_stage_survive_export_and_on
         torch.testing.assert_close(loaded(x), net.eval()(x))
 
 
+def test_stripe_parts_survive_export_and_onnx(tmp_path):
+    """The parts' necks are in the bundle and its graph, their classifiers are not."""
+    net = write_run(tmp_path / "run", stripes=2, last_stride=1)
+    directory = export_run(tmp_path / "run", store=tmp_path / "store", name="reid-stripes")
+    manifest = read_manifest(directory)
+    assert manifest.architecture["stripes"] == 2 and manifest.embedding.dim == 2 * 16 + 2 * 128
+    assert manifest.onnx is not None and manifest.onnx.max_abs_diff <= 1e-4
+    _, loaded = load_bundle(directory)
+    assert "stripes.stripe1.neck.running_var" in loaded.state_dict()
+    assert not any("classifier" in k for k in loaded.state_dict())
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x))
+
+
 def test_final_metrics_preferred(run_dir, tmp_path):
     run, _ = run_dir
     final = {"validation": {"mAP": 0.55, "match_threshold": 0.66, "cmc": [1.0]}, "protocol": {"queries": 9}}

@@ -66,6 +66,29 @@ def test_gem_exponent_is_trained_in_the_avg_branch_only():
         ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), gem_p=0.0))
 
 
+def test_stripes_are_parts_of_the_avg_branch_map_trained_by_identity():
+    torch.manual_seed(0)
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=5, branch_dim=16, stripes=2))
+    x = torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)
+    out = net.train()(x)
+    assert set(out.features) == {"avg", "max"}  # the triplet loss sees the global branches only
+    assert set(out.logits) == {"avg", "max", "stripe0", "stripe1"}
+    out.logits["stripe1"].sum().backward()  # a part's identity loss trains the avg branch's stage
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.branches["avg"].stage.parameters())
+    assert all(p.grad is None for p in net.branches["max"].stage.parameters())
+    net.eval()
+    with torch.no_grad():
+        emb = net(x)
+        shared = net.trunk(net.normalize(x))
+        necks = [net.branches[b].head(net.branches[b].stage(shared))[1] for b in ("avg", "max")]
+        halves = net.branches["avg"].stage(shared).chunk(2, dim=2)  # the upper and lower stripe
+        necks += [net.stripes[f"stripe{i}"].neck(half.mean((2, 3))) for i, half in enumerate(halves)]
+    assert emb.shape == (3, 2 * 16 + 2 * CHANNELS["osnet_x0_25"]) == (3, net.embedding_dim)
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(torch.cat(necks, 1), dim=1))
+    with pytest.raises(ValueError, match="stripes must be >= 0"):
+        ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), stripes=-1))
+
+
 def test_inference_net_has_no_classifier():
     net = ReIDNet(ReIDNetConfig("osnet_x0_25", (64, 32), num_classes=0))
     assert not any("classifier" in k for k in net.state_dict())

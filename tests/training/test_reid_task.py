@@ -78,6 +78,17 @@ def test_step_losses(course_root, tmp_path, data, recipe):
     losses = cosine.train_step(batch)
     assert set(losses) == {"loss", *terms} and torch.isfinite(losses["loss"])
 
+    striped = ReIDTask(config.replace(stripes=2), data)
+    losses = striped.train_step(batch)
+    assert set(losses) == {"loss", *terms, "id_stripe0", "id_stripe1"}  # parts: identity loss only
+    torch.testing.assert_close(losses["loss"], 0.5 * sum(v for k, v in losses.items() if k != "loss"))
+    with torch.no_grad():  # validation's one pass embeds as the exported network does
+        feats, emb = branch_outputs(striped.model.eval(), data.val_images[:4])
+        torch.testing.assert_close(emb, striped.model(data.val_images[:4]))
+    assert set(feats) == {"avg", "max"}
+    with pytest.raises(ValueError, match="stripes must be >= 0"):
+        config.replace(stripes=-1)
+
     no_id = ReIDTask(config.replace(id_loss=False), data, model=task.model)
     losses = no_id.train_step(batch)
     assert set(losses) == {"loss", "triplet_avg", "triplet_max"}

@@ -57,6 +57,7 @@ def _train_options(
     branch_dim: int | None,
     last_stride: int | None,
     gem_p: float | None,
+    stripes: int | None,
     erase_p: float | None,
     ema_decay: float | None,
     train_all: bool | None,
@@ -98,6 +99,7 @@ def _train_options(
         "branch_dim": branch_dim,
         "last_stride": last_stride,
         "gem_p": gem_p,
+        "stripes": stripes,
         "erase_p": erase_p,
         "ema_decay": ema_decay,
         "train_all": train_all,
@@ -199,6 +201,10 @@ def train_reid(
     gem_p: Annotated[
         float | None,
         Opt(help="Generalised-mean pooling in the avg branch, learned from this exponent (e.g. 3)."),
+    ] = None,
+    stripes: Annotated[
+        int | None,
+        Opt(help="Add N horizontal part features of the avg branch's map to the embedding (PCB; 0 off)."),
     ] = None,
     erase_p: Annotated[float | None, Opt(help="Random-erasing probability (modern 0.5).")] = None,
     ema_decay: Annotated[

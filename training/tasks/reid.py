@@ -109,6 +109,7 @@ class ReIDTrainConfig(TrainConfig):
     branch_dim: int | None = None  # per-branch embedding size after a learned reduction
     last_stride: int = 2
     gem_p: float | None = None  # generalised-mean pooling in the 'avg' branch, from this exponent
+    stripes: int = 0  # horizontal part features of the avg branch's map, identity loss only (PCB)
     eval_seed: int = 0  # seed of the validation query/gallery protocol
     # Train on every identity (the split's validation ones too), as shipped bundles are: validation
     # identities are then seen, so per-epoch validation is skipped and the last epoch is kept.
@@ -136,6 +137,8 @@ class ReIDTrainConfig(TrainConfig):
             raise ValueError(f"unknown recipe {self.recipe!r}; available: {', '.join(RECIPES)}")
         if self.last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {self.last_stride}")
+        if self.stripes < 0:
+            raise ValueError(f"stripes must be >= 0, got {self.stripes}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}, got {self.classifier!r}")
         if self.id_scale <= 0 or self.id_margin < 0:
@@ -162,12 +165,9 @@ def branch_outputs(model: ReIDNet, images: torch.Tensor) -> tuple[dict[str, torc
 
     In eval mode the embedding equals ``model(images)``.
     """
-    shared = model.trunk(model.normalize(images))
-    features, necks = {}, []
-    for name, branch in model.branches.items():
-        feat, neck = branch(shared)
-        features[name] = feat
-        necks.append(neck)
+    outputs = model.outputs(images)
+    features = {name: outputs[name][0] for name in model.branches}
+    necks = [neck for _, neck in outputs.values()]
     return features, F.normalize(torch.cat(necks, dim=1).float(), dim=1)
 
 
@@ -227,6 +227,7 @@ class ReIDTask:
                 num_classes=len(self.classes),
                 last_stride=config.last_stride,
                 gem_p=config.gem_p,
+                stripes=config.stripes,
                 branch_dim=config.branch_dim,
                 classifier=config.classifier,
             ),

@@ -212,7 +212,8 @@ def manifest_fields(
     classes = checkpoint["architecture"].get("num_classes")  # the training identities
     checkpoint["architecture"] = {**checkpoint["architecture"], "num_classes": 0}
     checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if ".classifier." not in k}
-    dim = 2 * int(checkpoint["model"]["branches.avg.neck.weight"].shape[0])
+    # The embedding concatenates every BN neck: the two branches' and any stripe parts'.
+    dim = sum(int(v.shape[0]) for k, v in checkpoint["model"].items() if k.endswith(".neck.weight"))
     embedding = {"dim": dim, "normalized": True, "distance": "cosine"}
     if checkpoint.get("config", {}).get("train_all"):
         if metrics_from is None:
