@@ -69,6 +69,24 @@ class QueryExpansionSpec(BaseModel):
     gallery_side: GallerySideSpec | None = None
 
 
+class NeighbourSmoothingSpec(BaseModel):
+    """Attributes averaged over each crop's re-ID neighbours (``training.attribute_neighbours``), as
+    validated for this attribute bundle: offline prediction over a set of crops, not the service."""
+
+    neighbours: int = Field(gt=0, description="nearest other crops averaged into each crop")
+    alpha: float = Field(ge=0, description="their weights are max(similarity, 0)**alpha")
+    reid_bundle: str = Field(description="name and version of the re-ID bundle it was validated with")
+    taus: dict[str, float] = Field(
+        default_factory=dict, description="per group, logit adjustment of the averaged probabilities"
+    )
+    log_priors: dict[str, list[float]] = Field(
+        default_factory=dict, description="per group, log class shares of the training images"
+    )
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="distractor-validation metrics without and with it"
+    )
+
+
 class OnnxGraph(BaseModel):
     """The network as an ONNX graph: dynamic batch, uint8 input, checked against torch at export."""
 
@@ -113,6 +131,7 @@ class Manifest(BaseModel):
     weights_sha256: str = ""
     onnx: OnnxGraph | None = None
     query_expansion: QueryExpansionSpec | None = None
+    neighbour_smoothing: NeighbourSmoothingSpec | None = None
 
     @property
     def version(self) -> str:

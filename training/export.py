@@ -52,9 +52,13 @@ def _attribute_fields(
     # val_metrics.json: the best epoch re-evaluated after training, with the majority baseline
     saved = json.loads(final.read_text()) if final.is_file() else {}
     if metrics_from is not None:
+        from app.bundle import read_manifest
+
         return {
             "attribute_schema": schema_as_dict(),
             "metrics": _split_run_rule(checkpoint, saved, metrics_from),
+            # the neighbour rule validated on the split run (evaluate-neighbours) goes with its taus
+            "neighbour_smoothing": read_manifest(metrics_from).neighbour_smoothing,
         }
     if checkpoint.get("config", {}).get("train_all"):
         raise ExportError(

@@ -192,15 +192,19 @@ def test_train_all_exports_with_the_split_runs_rule(attribute_run, course_root, 
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["monitor"] == "epoch"
-    from app.bundle import read_manifest
+    from app.bundle import NeighbourSmoothingSpec, read_manifest, write_manifest
 
     source = read_manifest(split_bundle / "attributes")
+    rule = NeighbourSmoothingSpec(neighbours=7, alpha=1.0, reid_bundle="reid-split 1", taus={"hat": 0.5})
+    source = source.model_copy(update={"neighbour_smoothing": rule})
+    write_manifest(split_bundle / "attributes", source)  # as evaluate-neighbours --record leaves it
     manifest, before, after = _plain_and_adjusted(
         run, tmp_path, "--metrics-from", split_bundle / "attributes"
     )
     assert (
         manifest.metrics["mA"] == source.metrics["mA"] and source.version in manifest.metrics["metrics_from"]
     )
+    assert manifest.neighbour_smoothing == rule  # the neighbour rule goes with the split run's taus
     priors = json.loads((run / "val_metrics.json").read_text())["logit_adjustment"]["log_priors"]
     for name, log_prior in priors.items():
         tau = source.metrics["logit_adjust"][name]

@@ -6,7 +6,15 @@ import typer
 
 # Imports run one way, options <- command modules <- this package: no command module imports the app,
 # so there is no cycle whose import order matters.
-from training.cli import attributes, bundles, dataset, reid_evaluate, reid_predict, reid_train
+from training.cli import (
+    attribute_neighbours,
+    attributes,
+    bundles,
+    dataset,
+    reid_evaluate,
+    reid_predict,
+    reid_train,
+)
 
 app = typer.Typer(
     name="reid-train",
@@ -26,6 +34,7 @@ COMMANDS = (
     ("flip-bundle", bundles.flip_bundle),
     ("add-onnx", bundles.add_onnx),
     ("predict-attributes", attributes.predict_attributes),
+    ("evaluate-neighbours", attribute_neighbours.evaluate_neighbours),
     ("train-reid", reid_train.train_reid),
     ("evaluate-reid", reid_evaluate.evaluate_reid),
     ("ablation", reid_train.ablation),

@@ -248,6 +248,20 @@ def predict_attributes(
     bundle: Annotated[Path, typer.Option(help="Attribute bundle directory.")],
     images: Annotated[Path, typer.Option(help="Folder of images (jpg/png).")],
     out: Annotated[Path, typer.Option(help="CSV to write, in annotations_train.csv's format.")],
+    neighbours_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="A re-ID bundle: average each crop's class probabilities with those of its nearest crops "
+            "in the folder (its other views of the same person; docs/models.md). The attribute bundle's "
+            "recorded rule (neighbour_smoothing, from evaluate-neighbours) applies where it has one."
+        ),
+    ] = None,
+    neighbours: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --neighbours-from: crops averaged in (default: the recorded rule's, else 20)."
+        ),
+    ] = None,
     batch_size: int = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
@@ -260,41 +274,102 @@ def predict_attributes(
 
     try:
         manifest, model = open_bundle(bundle, "attributes", threads)
+        if manifest.onnx is not None and device == "cpu":
+            from training.onnx_export import OnnxModule
+
+            model = OnnxModule(bundle, threads)  # what the service runs, about 5x faster on a CPU
         paths = list_images(images)
+        if not paths:
+            raise ValueError(f"no images in {images}")
         started = time.perf_counter()
-        count = write_predictions(
-            model, paths, out, manifest.input_size, batch_size, device, workers, progress
-        )
+        kwargs = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
+        scores = predict_logits(model, paths, manifest.input_size, **kwargs)
+        if neighbours_from is not None:
+            scores, rule = neighbour_scores(
+                scores, manifest, neighbours_from, neighbours, paths, threads, kwargs
+            )
+            typer.echo(rule, err=True)
+        count = write_predictions(scores, paths, out)
     except user_errors() as exc:
         raise fail(str(exc)) from None
     seconds = time.perf_counter() - started
     typer.echo(f"{out}: {count} rows in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)")
 
 
-def write_predictions(
+def predict_logits(
     model: Any,
     paths: list[Path],
-    out: Path,
     size: tuple[int, int],
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 2,
     progress: bool = True,
-) -> int:
-    """Decode (threads, one batch ahead) and classify ``paths``; write the CSV; return the row count."""
-    from app.attribute_schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, row_from_labels
+) -> dict[str, Any]:
+    """Decode (threads, one batch ahead) and classify ``paths``: per group, the (N, classes) logits."""
+    import numpy as np
+
     from training.batch_inference import model_inputs
 
+    inputs = model_inputs(
+        model, paths, size, batch_size=batch_size, device=device, workers=workers, progress=progress
+    )
+    parts: dict[str, list[Any]] = {}
+    for net, _, x in inputs:
+        for name, value in net(x).items():
+            parts.setdefault(name, []).append(value.float().cpu().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def neighbour_scores(
+    scores: dict[str, Any],
+    manifest: Any,
+    reid_bundle: Path,
+    neighbours: int | None,
+    paths: list[Path],
+    threads: int,
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], str]:
+    """The scores averaged over each crop's re-ID neighbours among ``paths``, with the attribute bundle's
+    recorded per-group taus; and a line that says which rule was applied."""
+    from training.attribute_neighbours import (
+        ALPHA,
+        NEIGHBOURS,
+        adjust,
+        nearest_neighbours,
+        smoothed_log_probs,
+    )
+    from training.batch_inference import open_bundle
+    from training.cli.reid_predict import embed_files
+
+    reid, model = open_bundle(reid_bundle, "reid", threads)
+    if reid.onnx is not None and kwargs["device"] == "cpu":
+        from training.onnx_export import OnnxModule
+
+        model = OnnxModule(reid_bundle, threads)
+    embeddings = embed_files(model, paths, reid.input_size, desc="neighbours", **kwargs).numpy()
+    spec = manifest.neighbour_smoothing
+    k = neighbours or (spec.neighbours if spec else NEIGHBOURS)
+    alpha = spec.alpha if spec else ALPHA
+    indices, sims = nearest_neighbours(embeddings, k)
+    smoothed = smoothed_log_probs(scores, indices, sims, alpha)
+    if spec is None:
+        return smoothed, f"neighbours {k}, alpha {alpha:g}; no recorded rule (taus 0)"
+    rule = (
+        f"neighbours {k}, alpha {alpha:g}, per-group taus as validated with {spec.reid_bundle} "
+        f"(this re-ID bundle: {reid.name} {reid.version})"
+    )
+    return adjust(smoothed, spec.taus, spec.log_priors), rule
+
+
+def write_predictions(scores: dict[str, Any], paths: list[Path], out: Path) -> int:
+    """One CSV row per path: each group's highest-scoring class; returns the row count."""
+    from app.attribute_schema import ATTRIBUTE_GROUPS, CSV_COLUMNS, row_from_labels
+
+    preds = {g.name: scores[g.name].argmax(1).tolist() for g in ATTRIBUTE_GROUPS}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()
-        inputs = model_inputs(
-            model, paths, size, batch_size=batch_size, device=device, workers=workers, progress=progress
-        )
-        for net, batch, x in inputs:
-            logits = net(x)
-            preds = {g.name: logits[g.name].argmax(1).tolist() for g in ATTRIBUTE_GROUPS}
-            for i, path in enumerate(batch):
-                writer.writerow(row_from_labels({name: p[i] for name, p in preds.items()}, path.name))
+        for i, path in enumerate(paths):
+            writer.writerow(row_from_labels({name: p[i] for name, p in preds.items()}, path.name))
     return len(paths)
