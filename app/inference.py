@@ -131,21 +131,37 @@ class AttributeModel(_Model):
         # The groups and their classes: what a client may filter on (the console builds its filters).
         return {**super().describe(), "groups": {name: list(c) for name, c in self.groups.items()}}
 
+    def probabilities(
+        self, images: Sequence[Image.Image], *, batch_size: int | None = None
+    ) -> list[np.ndarray]:
+        """Per group (schema order), the crops' (N, classes) softmax probabilities."""
+        parts = [
+            [_softmax(logits.astype(np.float32, copy=False)) for logits in self._forward(batch)]
+            for batch in _batches(images, self.input_size, batch_size or self.batch_size)
+        ]
+        return [np.concatenate(group) for group in zip(*parts, strict=True)]
+
     def predict(self, images: Sequence[Image.Image], *, batch_size: int | None = None) -> list[Attributes]:
         """Each crop's attributes; ``batch_size`` crops per forward pass (default: the model's)."""
-        results: list[Attributes] = []
-        groups = list(self.groups.items())
-        for batch in _batches(images, self.input_size, batch_size or self.batch_size):
-            probs = [_softmax(logits.astype(np.float32, copy=False)) for logits in self._forward(batch)]
-            best = [(p.argmax(axis=1), p.max(axis=1)) for p in probs]
-            for i in range(batch.shape[0]):
-                results.append(
-                    {
-                        name: AttributeValue(classes[int(k[i])], round(float(p[i]), 6))
-                        for (name, classes), (k, p) in zip(groups, best, strict=True)
-                    }
-                )
-        return results
+        return self.answers(self.probabilities(images, batch_size=batch_size))
+
+    def answers(self, probabilities: Sequence[np.ndarray]) -> list[Attributes]:
+        """Each crop's attributes from :meth:`probabilities`."""
+        return [self._best([p[i] for p in probabilities]) for i in range(len(probabilities[0]))]
+
+    def track_answer(self, probabilities: Sequence[np.ndarray]) -> Attributes:
+        """One answer for crops of one person (a track): their class probabilities averaged, so a view
+        that shows an attribute outvotes those that hide it (docs/models.md, *Attributes from several
+        crops*)."""
+        return self._best([p.mean(axis=0) for p in probabilities])
+
+    def _best(self, probs: Sequence[np.ndarray]) -> Attributes:
+        """Each group's most probable class and its probability, from one crop's (classes,) vectors."""
+        best = {}
+        for (name, classes), p in zip(self.groups.items(), probs, strict=True):
+            k = int(p.argmax())
+            best[name] = AttributeValue(classes[k], round(float(p[k]), 6))
+        return best
 
 
 class ReIDModel(_Model):

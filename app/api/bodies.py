@@ -95,6 +95,11 @@ class AttributesResponse(BaseModel):
 
     model: ModelRef
     crops: list[CropAttributes]
+    track: Attributes | None = Field(
+        default=None,
+        description="With track=true only: one answer for all the crops as one person, each group's "
+        "class probabilities averaged over them.",
+    )
 
 
 class GalleryEntry(BaseModel):
