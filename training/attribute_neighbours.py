@@ -86,6 +86,18 @@ def smoothed_log_probs(
     return out
 
 
+def track_log_probs(logits: Mapping[str, np.ndarray], tracks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per group, the log of each row's class probabilities averaged over the rows of its track."""
+    _, inverse, counts = np.unique(tracks, return_inverse=True, return_counts=True)
+    out = {}
+    for name, value in logits.items():
+        p = softmax(value)
+        total = np.zeros((len(counts), p.shape[1]))
+        np.add.at(total, inverse, p)
+        out[name] = np.log(np.maximum(total[inverse] / counts[inverse, None], 1e-12)).astype(np.float32)
+    return out
+
+
 def adjust(
     scores: Mapping[str, np.ndarray], taus: Mapping[str, float], log_priors: Mapping[str, list[float]]
 ) -> dict[str, np.ndarray]:
@@ -106,11 +118,14 @@ def measure(
     log_priors: Mapping[str, list[float]],
     neighbours: int = NEIGHBOURS,
     alpha: float = ALPHA,
+    tracks: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Validation of the smoothing: the first ``len(labels)`` rows are labelled, the rest (distractors)
     only lend neighbours. For the bundle's own outputs and the averaged ones: the metrics as they are
     (the bundle's rule), with per-group taus chosen on these labels (and those taus), and with taus
-    chosen on the other half of the identities (two folds; an estimate free of that choice)."""
+    chosen on the other half of the identities (two folds; an estimate free of that choice). With
+    ``tracks`` (a group id per labelled row, e.g. identity and camera), also each labelled crop's
+    probabilities averaged over its track alone: what ``POST /attributes`` answers with track=true."""
     import torch
 
     n = len(labels)
@@ -125,7 +140,10 @@ def measure(
         "neighbours": neighbours,
         "alpha": alpha,
     }
-    for key, scores in (("plain", logits), ("smoothed", smoothed)):
+    variants = [("plain", logits), ("smoothed", smoothed)]
+    if tracks is not None:
+        variants.append(("track", track_log_probs({k: v[:n] for k, v in logits.items()}, tracks)))
+    for key, scores in variants:
         t = {
             name: torch.from_numpy(np.ascontiguousarray(v[:n], dtype=np.float32))
             for name, v in scores.items()

@@ -72,12 +72,14 @@ def test_measure_shows_neighbours_correcting_noisy_crops():
     pool = np.concatenate([embeddings, noise])
     scores = {name: np.concatenate([logits[name], noise_logits[name]]) for name in logits}
     priors = {g.name: [math.log(1 / g.num_classes)] * g.num_classes for g in ATTRIBUTE_GROUPS}
-    result = measure(scores, pool, labels, pids, priors, neighbours=5)
+    tracks = pids * 10 + np.tile(np.arange(6) // 3, 30)  # two tracks of 3 crops per identity
+    result = measure(scores, pool, labels, pids, priors, neighbours=5, tracks=tracks)
     assert (result["labelled"], result["crops"]) == (180, 380)
     plain, smoothed = result["plain"], result["smoothed"]
     assert smoothed["as_is"]["mean_accuracy"] > plain["as_is"]["mean_accuracy"] + 0.1
     assert smoothed["per_group_two_fold"]["mA"] > plain["per_group_two_fold"]["mA"] + 0.1
     assert set(smoothed["taus"]) == {g.name for g in ATTRIBUTE_GROUPS}
+    assert result["track"]["as_is"]["mean_accuracy"] > plain["as_is"]["mean_accuracy"] + 0.05
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_evaluate_neighbours_measures_and_records(bundles, course_root, folder, 
     ]  # fmt: skip
     result = invoke("evaluate-neighbours", attributes, *common, "--record", "--record-into", shipped)
     assert result.exit_code == 0, result.output
-    assert "smoothed per_group_two_fold" in result.output
+    assert "smoothed per_group_two_fold" in result.output and "track    as_is" in result.output
     saved = json.loads((attributes / "neighbours_metrics.json").read_text())
     assert saved["crops"] == saved["labelled"] + 12 and saved["neighbours"] == 4
     for bundle in (attributes, shipped):

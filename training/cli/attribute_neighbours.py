@@ -50,10 +50,19 @@ def evaluate_neighbours(
         targets = [Path(p) for p in record_into or []]
         for target in targets:
             _check_target(target, attr)
-        logits, embeddings, labels, identities, priors = _validation_outputs(
+        logits, embeddings, labels, identities, cameras, priors = _validation_outputs(
             bundle, reid_bundle, Path(data_root), split_file, distractors, cache_dir, threads, progress
         )
-        result = measure(logits, embeddings, labels, identities, priors, neighbours, alpha)
+        result = measure(
+            logits,
+            embeddings,
+            labels,
+            identities,
+            priors,
+            neighbours,
+            alpha,
+            tracks=identities * 1000 + cameras,
+        )
         result.update(bundle=f"{attr.name} {attr.version}", reid_bundle=f"{reid.name} {reid.version}")
         out = out or bundle / "neighbours_metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +78,7 @@ def evaluate_neighbours(
                 "measured_on": f"{attr.name} {attr.version}",
                 **{
                     f"{key}/{rule}": {k: result[key][rule][k] for k in KEYS}
-                    for key in ("plain", "smoothed")
+                    for key in ("plain", "smoothed", "track")
                     for rule in ("as_is", "per_group", "per_group_two_fold")
                 },
             },
@@ -84,7 +93,7 @@ def evaluate_neighbours(
     typer.echo(
         f"{result['labelled']} validation crops among {result['crops']}; mean accuracy / mA / mA two-class"
     )
-    for key in ("plain", "smoothed"):
+    for key in ("plain", "smoothed", "track"):
         for rule in ("as_is", "per_group", "per_group_two_fold"):
             row = result[key][rule]
             typer.echo(f"  {key:8s} {rule:18s} " + " / ".join(f"{row[k]:.4f}" for k in KEYS))
@@ -126,9 +135,9 @@ def _validation_outputs(
     cache_dir: Path | None,
     threads: int,
     progress: bool,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, list[float]]]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, list[float]]]:
     """Attribute logits and re-ID embeddings of the validation crops then the distractors, the
-    validation labels and identities, and the training images' log class priors."""
+    validation labels, identities and cameras, and the training images' log class priors."""
     import tempfile
 
     import torch
@@ -160,6 +169,7 @@ def _validation_outputs(
         embeddings,
         label_matrix(val, data.attributes).numpy(),
         np.array([s.pid for s in val]),
+        np.array([s.camid for s in val]),
         {name: value.tolist() for name, value in priors.items()},
     )
 
