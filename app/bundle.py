@@ -74,7 +74,10 @@ class NeighbourSmoothingSpec(BaseModel):
     validated for this attribute bundle: offline prediction over a set of crops, not the service."""
 
     neighbours: int = Field(gt=0, description="nearest other crops averaged into each crop")
-    alpha: float = Field(ge=0, description="their weights are max(similarity, 0)**alpha")
+    alpha: float = Field(ge=0, description="their weights are similarity**alpha")
+    min_similarity: float = Field(
+        default=0.0, description="neighbours less similar weigh 0 (0.05% of different-person pairs pass)"
+    )
     reid_bundle: str = Field(description="name and version of the re-ID bundle it was validated with")
     taus: dict[str, float] = Field(
         default_factory=dict, description="per group, logit adjustment of the averaged probabilities"

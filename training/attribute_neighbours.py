@@ -8,7 +8,7 @@ crop of that person, while a lone look-alike carries a weight of one among many.
 the whole set of crops, as k-reciprocal re-ranking does): ``predict-attributes --neighbours-from``.
 ``evaluate-neighbours`` measures it on the distractor validation and records the rule in the attribute
 bundle's manifest (``neighbour_smoothing``), including per-group logit adjustments re-chosen for the
-averaged probabilities (docs/models.md, *Attributes from re-ID neighbours*).
+averaged probabilities (docs/models.md, *Attributes from several crops*).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from training.evaluation.attributes import (
 
 NEIGHBOURS = 20  # the distractor validation's best of 10 / 20 / 30 (docs/models.md)
 ALPHA = 1.0
+# Neighbours must be more similar than this share of different-person pairs: without a floor, a folder
+# with few crops per person fills the 20 places with other people and loses mA (docs/models.md).
+FALSE_MATCH_RATE = 5e-4
 
 
 def nearest_neighbours(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,16 +68,36 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def impostor_similarity(
+    labelled: np.ndarray, others: np.ndarray, rate: float = FALSE_MATCH_RATE, chunk: int = 512
+) -> float:
+    """The cosine similarity that a share ``rate`` of the pairs (labelled crop, crop of another person)
+    exceed: the similarity floor of the neighbours."""
+    a = labelled / np.linalg.norm(labelled, axis=1, keepdims=True)
+    b = others / np.linalg.norm(others, axis=1, keepdims=True)
+    total = len(a) * len(b)
+    keep = max(1, int(np.ceil(rate * total)))
+    # The ``keep`` largest similarities over all pairs, without holding every pair's value at once.
+    best = np.empty(0, dtype=np.float32)
+    for start in range(0, len(a), chunk):
+        sims = (a[start : start + chunk] @ b.T).ravel()
+        best = np.concatenate([best, sims if len(sims) <= keep else np.partition(sims, -keep)[-keep:]])
+        if len(best) > keep:
+            best = np.partition(best, -keep)[-keep:]
+    return float(best.min())
+
+
 def smoothed_log_probs(
     logits: Mapping[str, np.ndarray],
     indices: np.ndarray,
     similarities: np.ndarray,
     alpha: float = ALPHA,
+    min_similarity: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Per group, the log of each crop's class probabilities averaged with its neighbours' (weights:
-    1 for the crop itself, ``similarity ** alpha`` for each neighbour of positive similarity, 0 for the
-    others and for index -1)."""
-    positive = (indices >= 0) & (similarities > 0)
+    1 for the crop itself, ``similarity ** alpha`` for each neighbour more similar than
+    ``min_similarity`` (and than 0), 0 for the others and for index -1)."""
+    positive = (indices >= 0) & (similarities > max(min_similarity, 0.0))
     weights = np.where(positive, np.clip(similarities, 1e-12, None) ** alpha, 0.0)
     rows = np.where(indices >= 0, indices, 0)
     total = 1.0 + weights.sum(axis=1, keepdims=True)
@@ -119,18 +142,23 @@ def measure(
     neighbours: int = NEIGHBOURS,
     alpha: float = ALPHA,
     tracks: np.ndarray | None = None,
+    min_similarity: float | None = None,
 ) -> dict[str, Any]:
     """Validation of the smoothing: the first ``len(labels)`` rows are labelled, the rest (distractors)
-    only lend neighbours. For the bundle's own outputs and the averaged ones: the metrics as they are
-    (the bundle's rule), with per-group taus chosen on these labels (and those taus), and with taus
-    chosen on the other half of the identities (two folds; an estimate free of that choice). With
-    ``tracks`` (a group id per labelled row, e.g. identity and camera), also each labelled crop's
-    probabilities averaged over its track alone: what ``POST /attributes`` answers with track=true."""
+    only lend neighbours; the neighbours' similarity floor is ``min_similarity``, by default the
+    :func:`impostor_similarity` of the labelled rows against the distractors. For the bundle's own
+    outputs and the averaged ones: the metrics as they are (the bundle's rule), with per-group taus
+    chosen on these labels (and those taus), and with taus chosen on the other half of the identities
+    (two folds; an estimate free of that choice). With ``tracks`` (a group id per labelled row, e.g.
+    identity and camera), also each labelled crop's probabilities averaged over its track alone: what
+    ``POST /attributes`` answers with track=true."""
     import torch
 
     n = len(labels)
+    if min_similarity is None:
+        min_similarity = impostor_similarity(embeddings[:n], embeddings[n:])
     indices, sims = nearest_neighbours(embeddings, neighbours)
-    smoothed = smoothed_log_probs(logits, indices, sims, alpha)
+    smoothed = smoothed_log_probs(logits, indices, sims, alpha, min_similarity)
     y = torch.as_tensor(labels, dtype=torch.long)
     priors = {name: torch.tensor(v, dtype=torch.float32) for name, v in log_priors.items()}
     fold = np.isin(identities, np.unique(identities)[::2])
@@ -139,6 +167,7 @@ def measure(
         "crops": len(embeddings),
         "neighbours": neighbours,
         "alpha": alpha,
+        "min_similarity": min_similarity,
     }
     variants = [("plain", logits), ("smoothed", smoothed)]
     if tracks is not None:

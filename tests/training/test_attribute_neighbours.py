@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from app.attribute_schema import ATTRIBUTE_GROUPS
 from app.bundle import read_manifest, write_manifest
 from tests.service.helpers import make_attribute_bundle, make_reid_bundle
-from training.attribute_neighbours import measure, nearest_neighbours, smoothed_log_probs
+from training.attribute_neighbours import impostor_similarity, measure, nearest_neighbours, smoothed_log_probs
 from training.cli import app
 
 runner = CliRunner()
@@ -52,6 +52,33 @@ def test_neighbours_outvote_a_wrong_crop_but_not_a_dissimilar_one():
     assert np.exp(flat[4]) == pytest.approx(np.exp(out[4]), abs=1e-6)
 
 
+def test_similarity_floor_drops_neighbours_below_it():
+    logits = {"hat": np.array([[1.0, 0.0], [0.0, 3.0], [0.0, 3.0]])}
+    idx, sims = np.array([[1, 2]] * 3), np.array([[0.6, 0.4]] * 3)
+    assert smoothed_log_probs(logits, idx, sims)["hat"].argmax(1)[0] == 1
+    kept = smoothed_log_probs(logits, idx, sims, min_similarity=0.5)["hat"]
+    alone = smoothed_log_probs(logits, idx, sims, min_similarity=0.7)["hat"]
+    assert np.exp(alone[0]) == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)], abs=1e-6)
+    assert (
+        0
+        < np.exp(kept[0][1]) - np.exp(alone[0][1])
+        < np.exp(smoothed_log_probs(logits, idx, sims)["hat"][0][1])
+    )
+
+
+def test_impostor_similarity_is_the_quantile_of_every_pair():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(37, 8)), rng.normal(size=(101, 8))
+    sims = np.sort(
+        (
+            (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+        ).ravel()
+    )
+    for rate in (0.01, 5e-4, 0.3):
+        expected = sims[-int(np.ceil(rate * sims.size))]
+        assert impostor_similarity(a, b, rate, chunk=5) == pytest.approx(expected, abs=1e-6)
+
+
 def _identities(n_ids: int, per_id: int, seed: int):
     """Clustered embeddings, per-identity labels, and noisy per-crop logits that often get them wrong."""
     rng = np.random.default_rng(seed)
@@ -75,6 +102,7 @@ def test_measure_shows_neighbours_correcting_noisy_crops():
     tracks = pids * 10 + np.tile(np.arange(6) // 3, 30)  # two tracks of 3 crops per identity
     result = measure(scores, pool, labels, pids, priors, neighbours=5, tracks=tracks)
     assert (result["labelled"], result["crops"]) == (180, 380)
+    assert result["min_similarity"] == pytest.approx(impostor_similarity(embeddings, noise), abs=1e-6)
     plain, smoothed = result["plain"], result["smoothed"]
     assert smoothed["as_is"]["mean_accuracy"] > plain["as_is"]["mean_accuracy"] + 0.1
     assert smoothed["per_group_two_fold"]["mA"] > plain["per_group_two_fold"]["mA"] + 0.1
@@ -102,9 +130,14 @@ def test_predict_with_neighbours_applies_the_recorded_rule(bundles, folder, tmp_
     args = ("predict-attributes", "--bundle", attributes, "--images", folder, "--out", out, "--no-progress")
     result = invoke(*args, "--neighbours-from", reid, "--neighbours", "2")
     assert result.exit_code == 0, result.output
-    assert "neighbours 2" in result.output and "no recorded rule" in result.output
+    assert "2 neighbours" in result.output and "no recorded rule" in result.output
     rows = list(csv.DictReader(out.open()))
     assert [r["id"] for r in rows] == sorted(p.name for p in folder.glob("*.jpg"))
+    # A floor no neighbour passes: every crop answers alone, as without neighbours.
+    assert invoke(*args).exit_code == 0
+    alone = out.read_text()
+    floor = invoke(*args, "--neighbours-from", reid, "--min-similarity", "1.01")
+    assert floor.exit_code == 0 and "above similarity 1.010" in floor.output and out.read_text() == alone
     # A recorded rule whose gender tau overwhelms any score, towards the class the first crop did not get.
     target = 1 if rows[0]["gender"] == "2" else 2
     bundle = tmp_path / "ruled"
@@ -122,7 +155,7 @@ def test_predict_with_neighbours_applies_the_recorded_rule(bundles, folder, tmp_
     write_manifest(bundle, manifest.model_validate({**manifest.model_dump(), "neighbour_smoothing": spec}))
     result = invoke(*args[:2], bundle, *args[3:], "--neighbours-from", reid)
     assert result.exit_code == 0, result.output
-    assert "neighbours 2" in result.output and "as validated with r 1" in result.output
+    assert "2 neighbours" in result.output and "validated with r 1" in result.output
     assert {r["gender"] for r in csv.DictReader(out.open())} == {str(target)}
     wrong = invoke(*args, "--neighbours-from", attributes)
     assert wrong.exit_code == 1 and "needs 'reid'" in wrong.output

@@ -70,6 +70,7 @@ def evaluate_neighbours(
         spec = NeighbourSmoothingSpec(
             neighbours=neighbours,
             alpha=alpha,
+            min_similarity=result["min_similarity"],
             reid_bundle=f"{reid.name} {reid.version}",
             taus=result["smoothed"]["taus"],
             log_priors=priors,
@@ -91,7 +92,8 @@ def evaluate_neighbours(
     except user_errors() as exc:
         raise fail(str(exc)) from None
     typer.echo(
-        f"{result['labelled']} validation crops among {result['crops']}; mean accuracy / mA / mA two-class"
+        f"{result['labelled']} validation crops among {result['crops']}, {neighbours} neighbours above "
+        f"similarity {result['min_similarity']:.3f}; mean accuracy / mA / mA two-class"
     )
     for key in ("plain", "smoothed", "track"):
         for rule in ("as_is", "per_group", "per_group_two_fold"):

@@ -262,6 +262,13 @@ def predict_attributes(
             min=1, help="With --neighbours-from: crops averaged in (default: the recorded rule's, else 20)."
         ),
     ] = None,
+    min_similarity: Annotated[
+        float | None,
+        typer.Option(
+            help="With --neighbours-from: neighbours less similar weigh nothing (default: the recorded "
+            "rule's, else 0)."
+        ),
+    ] = None,
     batch_size: int = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 2,
@@ -285,10 +292,9 @@ def predict_attributes(
         kwargs = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
         scores = predict_logits(model, paths, manifest.input_size, **kwargs)
         if neighbours_from is not None:
-            scores, rule = neighbour_scores(
-                scores, manifest, neighbours_from, neighbours, paths, threads, kwargs
-            )
-            typer.echo(rule, err=True)
+            reid, embeddings = embed_folder(neighbours_from, paths, threads, kwargs)
+            scores, rule = neighbour_scores(scores, manifest, embeddings, neighbours, min_similarity)
+            typer.echo(f"{rule} (neighbours by {reid.name} {reid.version})", err=True)
         count = write_predictions(scores, paths, out)
     except user_errors() as exc:
         raise fail(str(exc)) from None
@@ -320,17 +326,29 @@ def predict_logits(
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def embed_folder(bundle: Path, paths: list[Path], threads: int, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """A re-ID bundle's manifest and its (N, D) embeddings of ``paths`` (its ONNX graph on the CPU)."""
+    from training.batch_inference import open_bundle
+    from training.cli.reid_predict import embed_files
+
+    reid, model = open_bundle(bundle, "reid", threads)
+    if reid.onnx is not None and kwargs["device"] == "cpu":
+        from training.onnx_export import OnnxModule
+
+        model = OnnxModule(bundle, threads)
+    return reid, embed_files(model, paths, reid.input_size, desc="neighbours", **kwargs).numpy()
+
+
 def neighbour_scores(
     scores: dict[str, Any],
     manifest: Any,
-    reid_bundle: Path,
-    neighbours: int | None,
-    paths: list[Path],
-    threads: int,
-    kwargs: dict[str, Any],
+    embeddings: Any,
+    neighbours: int | None = None,
+    min_similarity: float | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The scores averaged over each crop's re-ID neighbours among ``paths``, with the attribute bundle's
-    recorded per-group taus; and a line that says which rule was applied."""
+    """The scores averaged over each crop's nearest crops by ``embeddings``, with the rule recorded in
+    the attribute bundle (``neighbour_smoothing``: neighbours, similarity floor, per-group taus) where
+    it has one and the arguments leave it; and a line that says which rule was applied."""
     from training.attribute_neighbours import (
         ALPHA,
         NEIGHBOURS,
@@ -338,27 +356,19 @@ def neighbour_scores(
         nearest_neighbours,
         smoothed_log_probs,
     )
-    from training.batch_inference import open_bundle
-    from training.cli.reid_predict import embed_files
 
-    reid, model = open_bundle(reid_bundle, "reid", threads)
-    if reid.onnx is not None and kwargs["device"] == "cpu":
-        from training.onnx_export import OnnxModule
-
-        model = OnnxModule(reid_bundle, threads)
-    embeddings = embed_files(model, paths, reid.input_size, desc="neighbours", **kwargs).numpy()
     spec = manifest.neighbour_smoothing
     k = neighbours or (spec.neighbours if spec else NEIGHBOURS)
+    floor = min_similarity if min_similarity is not None else (spec.min_similarity if spec else 0.0)
     alpha = spec.alpha if spec else ALPHA
     indices, sims = nearest_neighbours(embeddings, k)
-    smoothed = smoothed_log_probs(scores, indices, sims, alpha)
+    smoothed = smoothed_log_probs(scores, indices, sims, alpha, floor)
+    line = f"{k} neighbours above similarity {floor:.3f}, weights similarity^{alpha:g}"
     if spec is None:
-        return smoothed, f"neighbours {k}, alpha {alpha:g}; no recorded rule (taus 0)"
-    rule = (
-        f"neighbours {k}, alpha {alpha:g}, per-group taus as validated with {spec.reid_bundle} "
-        f"(this re-ID bundle: {reid.name} {reid.version})"
-    )
-    return adjust(smoothed, spec.taus, spec.log_priors), rule
+        return smoothed, f"{line}; no recorded rule, no logit adjustment"
+    return adjust(
+        smoothed, spec.taus, spec.log_priors
+    ), f"{line}; per-group taus validated with {spec.reid_bundle}"
 
 
 def write_predictions(scores: dict[str, Any], paths: list[Path], out: Path) -> int:
