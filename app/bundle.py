@@ -76,7 +76,7 @@ class NeighbourSmoothingSpec(BaseModel):
     neighbours: int = Field(gt=0, description="nearest other crops averaged into each crop")
     alpha: float = Field(ge=0, description="their weights are similarity**alpha")
     min_similarity: float = Field(
-        default=0.0, description="neighbours less similar weigh 0 (0.05% of different-person pairs pass)"
+        default=0.0, description="neighbours less similar weigh 0 (0.01% of different-person pairs pass)"
     )
     reid_bundle: str = Field(description="name and version of the re-ID bundle it was validated with")
     taus: dict[str, float] = Field(

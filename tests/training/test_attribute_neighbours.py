@@ -176,9 +176,10 @@ def test_evaluate_neighbours_measures_and_records(bundles, course_root, folder, 
     assert "smoothed per_group_two_fold" in result.output and "track    as_is" in result.output
     saved = json.loads((attributes / "neighbours_metrics.json").read_text())
     assert saved["crops"] == saved["labelled"] + 12 and saved["neighbours"] == 4
-    for bundle in (attributes, shipped):
+    for bundle, taus in ((attributes, saved["smoothed"]["taus"]), (shipped, {})):
         spec = read_manifest(bundle).neighbour_smoothing
-        assert spec is not None and spec.neighbours == 4 and spec.taus == saved["smoothed"]["taus"]
+        assert spec is not None and spec.neighbours == 4 and spec.taus == taus
+        assert spec.min_similarity == saved["min_similarity"]
         assert spec.metrics["smoothed/as_is"]["mA"] == saved["smoothed"]["as_is"]["mA"]
     assert read_manifest(attributes).version == read_manifest(shipped).version  # weights untouched
 

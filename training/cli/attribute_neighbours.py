@@ -32,7 +32,10 @@ def evaluate_neighbours(
     ] = False,
     record_into: Annotated[
         list[Path] | None,
-        Opt(help="Also write them into this bundle: the same recipe trained on every identity (repeat)."),
+        Opt(
+            help="Also write the rule, without its taus, into this bundle: the same recipe trained on every "
+            "identity, whose heads hold its own split run's decision rule (repeat)."
+        ),
     ] = None,
     cache_dir: Annotated[Path | None, Opt(help="Decoded-image cache folder.")] = Path("cache"),
     threads: Annotated[int, Opt(help="CPU threads (0: one per core).")] = 0,
@@ -84,11 +87,14 @@ def evaluate_neighbours(
                 },
             },
         )
-        written = [bundle] if record else []
-        written += targets
-        for target in written:
+        # Another bundle of the recipe may have folded another per-group rule into its heads (the rule is
+        # chosen on its own split run): it takes the averaging alone, whose gain was measured as_is.
+        plain_rule = spec.model_copy(update={"taus": {}, "log_priors": {}})
+        written = [(bundle, spec)] if record else []
+        written += [(target, plain_rule) for target in targets]
+        for target, rule in written:
             manifest = read_manifest(target)
-            write_manifest(target, manifest.model_copy(update={"neighbour_smoothing": spec}))
+            write_manifest(target, manifest.model_copy(update={"neighbour_smoothing": rule}))
     except user_errors() as exc:
         raise fail(str(exc)) from None
     typer.echo(
@@ -101,8 +107,9 @@ def evaluate_neighbours(
             typer.echo(f"  {key:8s} {rule:18s} " + " / ".join(f"{row[k]:.4f}" for k in KEYS))
     typer.echo(f"  taus re-chosen for the averaged outputs: {result['smoothed']['taus']}")
     typer.echo(f"wrote {out}")
-    for target in written:
-        typer.echo(f"recorded in {target / 'manifest.json'}")
+    for target, rule in written:
+        taus = "with the re-chosen taus" if rule.taus else "without taus (the averaging alone)"
+        typer.echo(f"recorded in {target / 'manifest.json'} {taus}")
 
 
 def _check_pair(bundle: Path, attr: Any, reid_bundle: Path, reid: Any) -> None:
