@@ -155,7 +155,7 @@ def test_predict_with_neighbours_applies_the_recorded_rule(bundles, folder, tmp_
     write_manifest(bundle, manifest.model_validate({**manifest.model_dump(), "neighbour_smoothing": spec}))
     result = invoke(*args[:2], bundle, *args[3:], "--neighbours-from", reid)
     assert result.exit_code == 0, result.output
-    assert "2 neighbours" in result.output and "validated with r 1" in result.output
+    assert "2 neighbours" in result.output and "taus re-chosen with r 1" in result.output
     assert {r["gender"] for r in csv.DictReader(out.open())} == {str(target)}
     wrong = invoke(*args, "--neighbours-from", attributes)
     assert wrong.exit_code == 1 and "needs 'reid'" in wrong.output

@@ -366,9 +366,9 @@ def neighbour_scores(
     line = f"{k} neighbours above similarity {floor:.3f}, weights similarity^{alpha:g}"
     if spec is None:
         return smoothed, f"{line}; no recorded rule, no logit adjustment"
-    return adjust(
-        smoothed, spec.taus, spec.log_priors
-    ), f"{line}; per-group taus validated with {spec.reid_bundle}"
+    if not spec.taus:
+        return smoothed, f"{line}; the rule validated with {spec.reid_bundle}, no re-chosen taus"
+    return adjust(smoothed, spec.taus, spec.log_priors), f"{line}; taus re-chosen with {spec.reid_bundle}"
 
 
 def write_predictions(scores: dict[str, Any], paths: list[Path], out: Path) -> int:
