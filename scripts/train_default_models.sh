@@ -124,6 +124,17 @@ evaluate_and_record() {  # evaluate_and_record BUNDLE: the distractor protocol i
     --out "$RUNS/eval-$(basename "$1")" --record --no-progress
 }
 
+# Attributes averaged over each crop's 20 nearest crops by the 128x64 re-ID network (predict-attributes
+# --neighbours-from models_store/reid-128x64): measured on the split bundles' validation among the
+# distractor crops, with per-group taus re-chosen for the averaged outputs, and recorded in the split
+# attribute bundle, whose rule (taus included) the all-identity export then carries (docs/models.md,
+# *Attributes from several crops*).
+neighbour_rule() {  # neighbour_rule SPLIT_ATTRIBUTE_BUNDLE
+  fast_split_bundle
+  reid-train evaluate-neighbours "$1" --reid-bundle "$RUNS/bundles/reid-fast-split" \
+    --distractors "$REID_DATA_ROOT/test" --split-file "$SPLIT" --cache-dir "$CACHE" --record --no-progress
+}
+
 export_bundles() {
   # The split run's bundle stays out of models_store: its validation (both protocols) is what the
   # all-identity bundle's manifest carries; the thresholds are then re-estimated for the shipped
@@ -138,9 +149,11 @@ export_bundles() {
   # split run's validation (docs/models.md); the all-identity bundle takes that rule and those metrics.
   reid-train export "$RUNS/attributes-osnet-256x128" --store "$RUNS/bundles" --name attributes-split \
     --logit-adjust per-group --force
+  neighbour_rule "$RUNS/bundles/attributes-split"
   reid-train export "$RUNS/attributes-osnet-256x128-all" --metrics-from "$RUNS/bundles/attributes-split" --force
   reid-train export "$RUNS/attributes-osnet-128x64" --store "$RUNS/bundles" --name attributes-fast-split \
     --logit-adjust per-group --force
+  neighbour_rule "$RUNS/bundles/attributes-fast-split"
   reid-train export "$RUNS/attributes-osnet-128x64-all" --name attributes-128x64 \
     --metrics-from "$RUNS/bundles/attributes-fast-split" --force
   # Export writes each bundle's ONNX graph. The distractor protocol (the course test/ crops as wrong

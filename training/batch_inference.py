@@ -31,6 +31,19 @@ def open_bundle(bundle: Path, task: Task, threads: int = 0) -> tuple[Manifest, n
     return manifest, model
 
 
+def open_for_prediction(
+    bundle: Path, task: Task, threads: int = 0, device: str = "cpu"
+) -> tuple[Manifest, nn.Module]:
+    """:func:`open_bundle`, then, on the CPU and where the bundle has one, its verified ONNX graph in
+    place of the torch network: what the service runs, about 5x faster on a CPU."""
+    manifest, model = open_bundle(bundle, task, threads)
+    if manifest.onnx is not None and device == "cpu":
+        from training.onnx_export import OnnxModule
+
+        model = OnnxModule(bundle, threads)
+    return manifest, model
+
+
 def fuse_conv_bn(model: nn.Module) -> int:
     """Fold each BatchNorm that follows a conv inside a Sequential into that conv (eval only; same outputs
     up to float rounding, ~1e-6). MobileNetV2 predicts ~1.3x faster on CPU. Returns the number folded."""

@@ -276,15 +276,11 @@ def predict_attributes(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Predict the attributes of every image of a folder; one CSV row per image, id = file name."""
-    from training.batch_inference import open_bundle
+    from training.batch_inference import open_for_prediction
     from training.data.market import list_images
 
     try:
-        manifest, model = open_bundle(bundle, "attributes", threads)
-        if manifest.onnx is not None and device == "cpu":
-            from training.onnx_export import OnnxModule
-
-            model = OnnxModule(bundle, threads)  # what the service runs, about 5x faster on a CPU
+        manifest, model = open_for_prediction(bundle, "attributes", threads, device)
         paths = list_images(images)
         if not paths:
             raise ValueError(f"no images in {images}")
@@ -328,14 +324,10 @@ def predict_logits(
 
 def embed_folder(bundle: Path, paths: list[Path], threads: int, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """A re-ID bundle's manifest and its (N, D) embeddings of ``paths`` (its ONNX graph on the CPU)."""
-    from training.batch_inference import open_bundle
+    from training.batch_inference import open_for_prediction
     from training.cli.reid_predict import embed_files
 
-    reid, model = open_bundle(bundle, "reid", threads)
-    if reid.onnx is not None and kwargs["device"] == "cpu":
-        from training.onnx_export import OnnxModule
-
-        model = OnnxModule(bundle, threads)
+    reid, model = open_for_prediction(bundle, "reid", threads, kwargs["device"])
     return reid, embed_files(model, paths, reid.input_size, desc="neighbours", **kwargs).numpy()
 
 

@@ -42,15 +42,11 @@ def predict_reid(
     progress: Annotated[bool, Opt("--progress/--no-progress")] = True,
 ) -> None:
     """Rank the gallery for every query by cosine similarity (or re-ranking), most similar first."""
-    from training.batch_inference import open_bundle
+    from training.batch_inference import open_for_prediction
     from training.data.market import list_images
 
     try:
-        manifest, model = open_bundle(bundle, "reid", threads)
-        if manifest.onnx is not None and device == "cpu":
-            from training.onnx_export import OnnxModule
-
-            model = OnnxModule(bundle, threads)  # what the service runs, about 5x faster on a CPU
+        manifest, model = open_for_prediction(bundle, "reid", threads, device)
         q_paths, g_paths = list_images(queries), list_images(gallery)
         if not q_paths or not g_paths:
             raise ValueError(f"no images in {queries if not q_paths else gallery}")
