@@ -129,9 +129,14 @@ def _check_pair(bundle: Path, attr: Any, reid_bundle: Path, reid: Any) -> None:
 def _check_target(target: Path, attr: Any) -> None:
     """A --record-into bundle: the same recipe (network) as the measured one."""
     from app.bundle import read_manifest
+    from app.nets.attributes import AttributeNetConfig
 
     other = read_manifest(target)
-    if other.task != "attributes" or other.architecture != attr.architecture:
+
+    def network(manifest: Any) -> dict[str, object]:  # with the defaults older manifests leave out
+        return AttributeNetConfig.from_dict(manifest.architecture).to_dict()
+
+    if other.task != "attributes" or network(other) != network(attr):
         raise ValueError(f"--record-into {target}: not an attribute bundle of the measured bundle's network")
 
 
