@@ -26,7 +26,7 @@ def invoke(*args):
 
 
 def test_nearest_neighbours_exclude_the_crop_itself_and_sort_by_similarity():
-    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [1, 0]], dtype=np.float32)  # 4 duplicates 0
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [1, 0]], dtype=np.float32)  # row 4 = row 0
     idx, sims = nearest_neighbours(x * 3.0, 2)  # not normalised on input
     for row in range(len(x)):
         assert row not in idx[row]
