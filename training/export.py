@@ -54,11 +54,12 @@ def _attribute_fields(
     if metrics_from is not None:
         from app.bundle import read_manifest
 
+        source = read_manifest(metrics_from)
         return {
             "attribute_schema": schema_as_dict(),
-            "metrics": _split_run_rule(checkpoint, saved, metrics_from),
+            "metrics": _split_run_rule(checkpoint, saved, source, metrics_from),
             # the neighbour rule validated on the split run (evaluate-neighbours) goes with its taus
-            "neighbour_smoothing": read_manifest(metrics_from).neighbour_smoothing,
+            "neighbour_smoothing": source.neighbour_smoothing,
         }
     if checkpoint.get("config", {}).get("train_all"):
         raise ExportError(
@@ -106,12 +107,12 @@ def _fold_taus(checkpoint: dict[str, Any], saved: dict[str, Any], taus: dict[str
         model[key] = model[key] - taus[name] * torch.tensor(log_prior, dtype=model[key].dtype)
 
 
-def _split_run_rule(checkpoint: dict[str, Any], saved: dict[str, Any], metrics_from: Path) -> dict[str, Any]:
+def _split_run_rule(
+    checkpoint: dict[str, Any], saved: dict[str, Any], source: Any, metrics_from: Path
+) -> dict[str, Any]:
     """A run on every identity takes the decision rule and validation metrics of the same recipe's split
-    run (its bundle): the taus are applied with this run's own class priors."""
-    from app.bundle import read_manifest
-
-    source = read_manifest(metrics_from)
+    run (its bundle, ``source`` the manifest read from ``metrics_from``): the taus are applied with this
+    run's own class priors."""
     if source.task != "attributes":
         raise ExportError(f"--metrics-from {metrics_from} is a {source.task} bundle, not an attribute bundle")
     if not checkpoint.get("config", {}).get("train_all"):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from training.cli.options import DataRoot, fail, require_data_root, user_errors
+
+if TYPE_CHECKING:
+    from app.bundle import Task
 
 Opt = typer.Option
 KEYS = ("mean_accuracy", "mA", "mA_two_class")
@@ -175,8 +178,8 @@ def _validation_outputs(
         )
     train, val = split.partition(data.train)
     paths = [s.path for s in val] + list_images(distractors)
-    logits = _run(bundle, paths, cache_dir, progress)
-    embeddings = _run(reid_bundle, paths, cache_dir, progress)
+    logits = _run(bundle, "attributes", paths, cache_dir, progress)
+    embeddings = _run(reid_bundle, "reid", paths, cache_dir, progress)
     priors = log_priors(label_matrix(train, data.attributes))
     return (
         logits,
@@ -188,23 +191,17 @@ def _validation_outputs(
     )
 
 
-def _run(bundle: Path, paths: list[Path], cache_dir: Path | None, progress: bool) -> Any:
+def _run(bundle: Path, task: Task, paths: list[Path], cache_dir: Path | None, progress: bool) -> Any:
     """A bundle's outputs for ``paths`` (its ONNX graph where it has one): logits per group as NumPy
     arrays, or the (N, D) embeddings."""
     import torch
 
-    from app.bundle import read_manifest
-    from app.nets.bundles import load_bundle
+    from training.batch_inference import open_for_prediction
     from training.data.cache import cached_images
     from training.data.transforms import to_model_input
 
-    manifest = read_manifest(bundle)
-    if manifest.onnx is not None:
-        from training.onnx_export import OnnxModule
-
-        model: Any = OnnxModule(bundle)
-    else:
-        model = load_bundle(bundle)[1].eval()
+    manifest, model = open_for_prediction(bundle, task)
+    model.eval()
     images = cached_images(paths, tuple(manifest.input_size), cache_dir, progress=progress)
     outputs = []
     with torch.inference_mode():
