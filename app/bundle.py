@@ -138,10 +138,13 @@ class Manifest(BaseModel):
 
     @property
     def version(self) -> str:
-        """A short, stable identifier of these exact weights (and of a test-time flip, which changes
-        every embedding they give)."""
+        """A short, stable identifier of these exact weights (and of a test-time flip or an ensemble's
+        member weights, which change every embedding they give)."""
         if self.architecture.get("flip_average"):
             return hashlib.sha256(f"{self.weights_sha256}+flip".encode()).hexdigest()[:12]
+        if self.architecture.get("ensemble"):
+            weights = ",".join(f"{float(m['weight']):g}" for m in self.architecture["ensemble"])
+            return hashlib.sha256(f"{self.weights_sha256}+ensemble:{weights}".encode()).hexdigest()[:12]
         return self.weights_sha256[:12]
 
 

@@ -249,7 +249,7 @@ def flip_bundle(
     """
     import shutil
 
-    from app.bundle import MANIFEST, read_manifest, write_manifest
+    from app.bundle import read_manifest, write_manifest
 
     source = Path(source)
     manifest = read_manifest(source)
@@ -257,44 +257,76 @@ def flip_bundle(
         raise ExportError(f"{source} is a {manifest.task} bundle; test-time flip is for re-ID bundles")
     if manifest.architecture.get("flip_average"):
         raise ExportError(f"{source} already embeds with test-time flip")
-    trained_all = bool(manifest.training_config.get("train_all"))
-    split = read_manifest(Path(metrics_from)) if metrics_from is not None else None
-    if trained_all and split is None:
-        raise ExportError(
-            f"{source} was trained on every identity: pass --metrics-from the flipped bundle of the "
-            "same recipe's split run, whose validation it carries"
-        )
+    if manifest.architecture.get("ensemble"):
+        raise ExportError(f"{source} is an ensemble: flip its members before building it")
+    split = split_manifest(
+        metrics_from,
+        bool(manifest.training_config.get("train_all")),
+        source,
+        "the flipped bundle of the same recipe's split run",
+    )
     if split is not None and not split.architecture.get("flip_average"):
         raise ExportError(f"--metrics-from {metrics_from} does not embed with test-time flip")
-    directory = Path(store) / name
-    if (directory / MANIFEST).exists() and not force:
-        raise ExportError(f"{directory} already holds a bundle; pass --force to replace it")
-    if directory.resolve() == source.resolve():
-        raise ExportError("flip-bundle writes a new bundle; choose another --name or --store")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = new_bundle_directory(store, name, force, [source], "flip-bundle")
     shutil.copyfile(source / manifest.weights_file, directory / manifest.weights_file)
-    borrowed: dict[str, Any] = {"metrics": {}, "match_threshold": None, "query_expansion": None}
-    if split is not None:
-        borrowed = {
-            "metrics": {
-                **split.metrics,
-                **{k: manifest.metrics[k] for k in ("trained_on", "identities") if k in manifest.metrics},
-                "metrics_from": f"{split.name} {split.version}",
-            },
-            "match_threshold": split.match_threshold,
-            "query_expansion": split.query_expansion,
-        }
     flipped = manifest.model_copy(
         update={
             "name": directory.name,
             "architecture": {**manifest.architecture, "flip_average": True},
-            "command": command
-            if command is not None
-            else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": command_line(command),
             "onnx": None,
-            **borrowed,
+            **borrowed_validation(manifest.metrics, split),
         }
     )
     write_manifest(directory, flipped)
     add_onnx(directory)  # from the bundle as the runtimes will load it: flip included
     return directory
+
+
+def command_line(command: str | None) -> str:
+    """The command that made a bundle: ``command`` if given, else this process's own."""
+    return command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def split_manifest(metrics_from: str | Path | None, trained_all: bool, source: Path, wanted: str) -> Any:
+    """The manifest a derived bundle borrows its validation from (None: it is measured anew); a bundle
+    built from networks trained on every identity must name one (``wanted`` says which)."""
+    from app.bundle import read_manifest
+
+    if metrics_from is None:
+        if trained_all:
+            raise ExportError(
+                f"{source} was trained on every identity: pass --metrics-from {wanted}, whose validation "
+                "it carries"
+            )
+        return None
+    return read_manifest(Path(metrics_from))
+
+
+def new_bundle_directory(store: str | Path, name: str, force: bool, sources: list[Path], verb: str) -> Path:
+    """``<store>/<name>``, created; refuses to replace a bundle without ``force`` or any source."""
+    from app.bundle import MANIFEST
+
+    directory = Path(store) / name
+    if (directory / MANIFEST).exists() and not force:
+        raise ExportError(f"{directory} already holds a bundle; pass --force to replace it")
+    if any(directory.resolve() == s.resolve() for s in sources):
+        raise ExportError(f"{verb} writes a new bundle; choose another --name or --store")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def borrowed_validation(own: dict[str, Any], split: Any) -> dict[str, Any]:
+    """Manifest fields of a derived re-ID bundle: the ``split`` bundle's validation, thresholds and
+    query path (with ``own`` metrics' record of what it was trained on), or none to measure anew."""
+    if split is None:
+        return {"metrics": {}, "match_threshold": None, "query_expansion": None}
+    return {
+        "metrics": {
+            **split.metrics,
+            **{k: own[k] for k in ("trained_on", "identities") if k in own},
+            "metrics_from": f"{split.name} {split.version}",
+        },
+        "match_threshold": split.match_threshold,
+        "query_expansion": split.query_expansion,
+    }

@@ -25,6 +25,7 @@ from app.bundle import (
     write_manifest,
 )
 from app.nets.attributes import AttributeNet, AttributeNetConfig
+from app.nets.ensemble import ReIDEnsemble, is_ensemble
 from app.nets.reid import ReIDNet, ReIDNetConfig
 
 
@@ -32,6 +33,8 @@ def build_network(task: Task, architecture: dict[str, Any]) -> nn.Module:
     """Rebuild an untrained network of the manifest's architecture."""
     if task == "attributes":
         return AttributeNet(AttributeNetConfig.from_dict(architecture))
+    if is_ensemble(architecture):
+        return ReIDEnsemble.from_architecture(architecture)
     return ReIDNet(ReIDNetConfig.from_dict(architecture))
 
 

@@ -32,6 +32,7 @@ COMMANDS = (
     ("data-stats", dataset.data_stats),
     ("export", bundles.export),
     ("flip-bundle", bundles.flip_bundle),
+    ("ensemble-bundle", bundles.ensemble_bundle),
     ("add-onnx", bundles.add_onnx),
     ("predict-attributes", attributes.predict_attributes),
     ("evaluate-neighbours", attribute_neighbours.evaluate_neighbours),

@@ -1,4 +1,5 @@
-"""The bundle commands of ``reid-train``: export (run -> bundle), flip-bundle and add-onnx."""
+"""The bundle commands of ``reid-train``: export (run -> bundle), flip-bundle, ensemble-bundle and
+add-onnx."""
 
 from __future__ import annotations
 
@@ -83,6 +84,50 @@ def flip_bundle(
     assert manifest.onnx is not None
     typer.echo(
         f"{directory}: re-ID bundle with test-time flip, version {manifest.version}; "
+        f"ONNX graph max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}"
+    )
+
+
+def ensemble_bundle(
+    members: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Re-ID bundles, the one with the largest input first (e.g. models_store/reid-256x128 "
+            "models_store/reid-128x64)."
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="Name of the new bundle.")],
+    weight: Annotated[
+        list[float] | None,
+        typer.Option(help="Each member's weight, in order (normalised to sum 1; default equal)."),
+    ] = None,
+    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    metrics_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Members trained with --train-all: the ensemble of the same recipes' split runs, whose "
+            "validation the new manifest carries."
+        ),
+    ] = None,
+) -> None:
+    """Several re-ID bundles as one: each embeds the crop at its own input size and the weighted
+    embeddings are concatenated (the members' costs add up); evaluate it with --record."""
+    from app.bundle import read_manifest
+    from training.ensemble import ensemble_bundle as write_ensemble
+
+    weights = weight or [1.0] * len(members)
+    try:
+        directory = write_ensemble(
+            members, weights, store=store, name=name, force=force, metrics_from=metrics_from
+        )
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    manifest = read_manifest(directory)
+    assert manifest.onnx is not None and manifest.embedding is not None
+    typer.echo(
+        f"{directory}: re-ID ensemble of {len(members)} bundles ({manifest.backbone}), "
+        f"{manifest.embedding.dim}-d embedding, version {manifest.version}; "
         f"ONNX graph max |onnx - torch| {manifest.onnx.max_abs_diff:.2g}"
     )
 
