@@ -64,6 +64,7 @@ def ensemble_bundle(
             {"architecture": m.architecture, "weight": w / total, "bundle": f"{m.name} {m.version}"}
             for m, w in zip(manifests, weights, strict=True)
         ],
+        "dim": model.embedding_dim,  # the projection's width (app.nets.ensemble)
         "backbone": "+".join(m.backbone for m in manifests),
         "input_size": list(first.input_size),
         "mean": list(first.mean),

@@ -22,7 +22,8 @@ from training.tasks.reid import ReIDTrainConfig
 
 @pytest.fixture
 def members(tmp_path):
-    """Two exported re-ID bundles: one at 64x32, one at 32x16 (other weights)."""
+    """Two exported re-ID bundles: one at 64x32, one at 32x16 whose 160-wide branches span 129
+    dimensions each (OSNet x0.25's 128 channels, plus the BatchNorm shift)."""
     store = tmp_path / "store"
     write_run(tmp_path / "big")
     big = export_run(tmp_path / "big", store=store, name="big")
@@ -32,8 +33,15 @@ def members(tmp_path):
     from app.nets.reid import ReIDNet, ReIDNetConfig
     from training.engine import BEST
 
-    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (32, 16), num_classes=5, branch_dim=8))
-    config = ReIDTrainConfig.from_recipe("modern", backbone="osnet_x0_25", input_size=(32, 16), branch_dim=8)
+    net = ReIDNet(ReIDNetConfig("osnet_x0_25", (32, 16), num_classes=5, branch_dim=160))
+    with torch.no_grad():  # non-trivial BN statistics and shifts, which the projection must keep
+        for bn in (b.neck for b in net.branches.values()):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-0.3, 0.3)
+    config = ReIDTrainConfig.from_recipe(
+        "modern", backbone="osnet_x0_25", input_size=(32, 16), branch_dim=160
+    )
     torch.save(
         {"task": "reid", "epoch": 2, "model": net.state_dict(), "architecture": net.config.to_dict(),
          "metrics": {"mAP": 0.4, "match_threshold": 0.6}, "config": config.to_dict()},
@@ -49,7 +57,8 @@ def test_similarity_is_the_weighted_mean_of_the_members_and_the_graph_computes_i
     manifest, ensemble = load_bundle(directory)
     _, big_net = load_bundle(big)
     _, small_net = load_bundle(small)
-    assert manifest.embedding.dim == 32 + 16 and manifest.input_size == (64, 32)
+    # 2 x 16 values from the first member; the second's 2 x 160 projected onto the 2 x 129 they span
+    assert manifest.embedding.dim == 32 + 2 * 129 and manifest.input_size == (64, 32)
     assert [m["weight"] for m in manifest.architecture["ensemble"]] == [0.75, 0.25]
     assert manifest.metrics == {} and manifest.match_threshold is None  # measured anew
     torch.manual_seed(2)
@@ -112,7 +121,7 @@ def test_cli_builds_one_and_refuses_bad_input_in_one_line(members):
     args = ["ensemble-bundle", str(big), str(small), "--store", str(store), "--name", "cli"]
     result = runner.invoke(app, [*args, "--weight", "0.7", "--weight", "0.3"])
     assert result.exit_code == 0, result.output
-    assert "48-d embedding" in result.output
+    assert "290-d embedding" in result.output
     assert [m["weight"] for m in read_manifest(store / "cli").architecture["ensemble"]] == [0.7, 0.3]
     result = runner.invoke(app, [*args, "--force", "--weight", "1"])
     assert result.exit_code != 0 and "one weight each" in result.output and "Traceback" not in result.output
