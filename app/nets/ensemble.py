@@ -16,7 +16,7 @@ memory of one network). The basis is stored with the weights, so every runtime u
 
 The manifest's architecture holds ``ensemble``: one entry per member, its own architecture, its weight
 and the bundle it came from, and ``dim``, the projected width; the weights file holds each member's
-tensors under ``members.<i>.`` and the projection.
+tensors under ``members.<i>.`` and one projection block per branch (``projection<k>``).
 """
 
 from __future__ import annotations
@@ -44,29 +44,39 @@ def member_weights(architecture: dict[str, Any]) -> list[float]:
     return [float(m["weight"]) for m in architecture[ENSEMBLE]]
 
 
-def _part_span(reduce: nn.Module, neck: nn.BatchNorm1d) -> torch.Tensor:
-    """Orthonormal columns spanning every output of ``neck(reduce(x))`` (eval mode), whatever x."""
+def _parts(member: ReIDNet) -> list[nn.Module]:
+    """The member's branches and stripes, in embedding order."""
+    return [*member.branches.values(), *member.stripes.values()]
+
+
+def _span_width(part: nn.Module) -> int:
+    """Dimensions a part's embedding spans at most: its width, or its input's plus the shift."""
+    width = part.neck.num_features
+    return min(width, part.reduce.in_features + 1) if isinstance(part.reduce, nn.Linear) else width
+
+
+def part_span(part: nn.Module) -> torch.Tensor:
+    """(width, r) orthonormal columns spanning every output of ``neck(reduce(x))`` (eval mode),
+    whatever x: the reduction and BatchNorm are one affine map ``A x + c``, spanned by [A | c]."""
+    neck = part.neck
     scale = neck.weight.double() / torch.sqrt(neck.running_var.double() + neck.eps)
     shift = neck.bias.double() - scale * neck.running_mean.double()
+    reduce = part.reduce
     linear = reduce.weight.double() if isinstance(reduce, nn.Linear) else torch.eye(len(scale)).double()
-    affine = torch.cat([scale[:, None] * linear, shift[:, None]], dim=1)  # (out, in + 1)
+    affine = torch.cat([scale[:, None] * linear, shift[:, None]], dim=1)  # (width, in + 1)
     basis, _, _ = torch.linalg.svd(affine, full_matrices=False)
-    return basis[:, : min(affine.shape)]
-
-
-def embedding_span(member: ReIDNet) -> torch.Tensor:
-    """(embedding_dim, r) orthonormal basis of the subspace all of ``member``'s embeddings lie in: one
-    block per branch and stripe, in embedding order (normalising and flip averaging stay inside it)."""
-    parts = [*member.branches.values(), *member.stripes.values()]
-    return torch.block_diag(*[_part_span(p.reduce, p.neck) for p in parts]).float()
+    return basis[:, : _span_width(part)].float()
 
 
 class ReIDEnsemble(nn.Module):
     """Re-ID networks run side by side on one crop; the embedding is their weighted concatenation,
-    projected onto the subspace it spans."""
+    each branch's part projected onto the subspace it spans."""
 
     def __init__(
-        self, members: Sequence[ReIDNet], weights: Sequence[float], projection: torch.Tensor | None = None
+        self,
+        members: Sequence[ReIDNet],
+        weights: Sequence[float],
+        projections: Sequence[torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if len(members) < 2 or len(members) != len(weights):
@@ -85,30 +95,39 @@ class ReIDEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         total = sum(weights)
         self.scales = [math.sqrt(w / total) for w in weights]
-        if projection is None:  # from the members' weights: they must be loaded already
-            projection = torch.block_diag(*[embedding_span(m.eval()) for m in members])
-        self.register_buffer("projection", projection)
+        self.part_widths = [[p.neck.num_features for p in _parts(m)] for m in members]
+        if projections is None:  # from the members' weights: they must be loaded already
+            projections = [part_span(p) for m in members for p in _parts(m.eval())]
+        # One block per part (not one block-diagonal matrix): a quarter of the bytes for two members.
+        for i, block in enumerate(projections):
+            self.register_buffer(f"projection{i}", block)
+        self.blocks = len(projections)
 
     @classmethod
     def from_architecture(cls, architecture: dict[str, Any]) -> ReIDEnsemble:
-        """Rebuild (untrained, the projection a placeholder until the weights load) from a manifest."""
+        """Rebuild (untrained, the projections placeholders until the weights load) from a manifest."""
         members = [ReIDNet(ReIDNetConfig.from_dict(m["architecture"])) for m in architecture[ENSEMBLE]]
-        width = sum(m.embedding_dim for m in members)
-        return cls(members, member_weights(architecture), torch.zeros(width, int(architecture["dim"])))
+        shapes = [(p.neck.num_features, _span_width(p)) for m in members for p in _parts(m)]
+        return cls(members, member_weights(architecture), [torch.zeros(shape) for shape in shapes])
+
+    def projection_blocks(self) -> list[torch.Tensor]:
+        """The parts' projections, in embedding order."""
+        return [getattr(self, f"projection{i}") for i in range(self.blocks)]
 
     @property
     def embedding_dim(self) -> int:
-        return self.projection.shape[1]
+        return sum(block.shape[1] for block in self.projection_blocks())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training:
             raise RuntimeError("an ensemble bundle is for inference only; train its members")
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images
         parts = []
-        for member, scale in zip(self.members, self.scales, strict=True):
+        for member, scale, widths in zip(self.members, self.scales, self.part_widths, strict=True):
             size = tuple(member.config.input_size)
             inputs = x if tuple(x.shape[-2:]) == size else F.interpolate(
                 x, size=size, mode="bilinear", align_corners=False
             )  # fmt: skip
-            parts.append(member(inputs) * scale)
-        return F.normalize(torch.cat(parts, dim=1) @ self.projection, dim=1)
+            parts.extend((member(inputs) * scale).split(widths, dim=1))
+        projected = [part @ block for part, block in zip(parts, self.projection_blocks(), strict=True)]
+        return F.normalize(torch.cat(projected, dim=1), dim=1)
