@@ -20,7 +20,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save_file
 
-from app.bundle import file_sha256
+from app.bundle import file_sha256, read_manifest
 from app.main import serve
 from app.settings import SHIPPED_MODELS_DIR
 from tests.service.helpers import crop, files
@@ -75,6 +75,9 @@ def schema_without_a_class(models: Path) -> None:
     edit_manifest(models / "attributes", lambda m: m["attribute_schema"][-1]["classes"].pop())
 
 
+SHIPPED_DIM = read_manifest(SHIPPED_MODELS_DIR / "reid").embedding.dim
+
+
 def wrong_embedding_dim(models: Path) -> None:
     edit_manifest(models / "reid", lambda m: m["embedding"].update(dim=m["embedding"]["dim"] // 2))
 
@@ -106,7 +109,10 @@ CASES = [
     ],
     *[
         pytest.param(
-            wrong_embedding_dim, runtime, "the manifest's embedding.dim is 256", id=f"embedding-dim-{runtime}"
+            wrong_embedding_dim,
+            runtime,
+            f"the manifest's embedding.dim is {SHIPPED_DIM // 2}",
+            id=f"embedding-dim-{runtime}",
         )
         for runtime in ("onnx", "torch")
     ],

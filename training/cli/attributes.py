@@ -30,7 +30,7 @@ def train_attributes(
         str | None,
         typer.Option(
             help="State-dict file, 'imagenet' (torchvision download), 'none', or a re-ID bundle folder "
-            "(its backbone: e.g. --backbone osnet_x0_25 --init-weights models_store/reid)."
+            "(its backbone: e.g. --backbone osnet_x0_25 --init-weights models_store/reid-256x128)."
         ),
     ] = None,
     input_size: Annotated[str | None, typer.Option(help="HEIGHTxWIDTH, default 256x128.")] = None,

@@ -59,7 +59,7 @@ def export(
 
 
 def flip_bundle(
-    source: Annotated[Path, typer.Argument(help="A re-ID bundle (e.g. models_store/reid).")],
+    source: Annotated[Path, typer.Argument(help="A re-ID bundle (e.g. models_store/reid-256x128).")],
     name: Annotated[str, typer.Option(help="Name of the new bundle (e.g. reid-flip).")],
     store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
