@@ -10,15 +10,18 @@ import typer
 
 from training.cli.options import fail, user_errors
 
+Store = Annotated[Path, typer.Option(help="Folder of bundles.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")]
+
 
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished (or interrupted) run directory.")],
-    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
+    store: Store = Path("models_store"),
     name: Annotated[
         str | None, typer.Option(help="Bundle name (default: the task, 'attributes' or 'reid').")
     ] = None,
     half: Annotated[bool, typer.Option("--half", help="Store the weights in float16.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    force: Force = False,
     logit_adjust: Annotated[
         str,
         typer.Option(
@@ -61,8 +64,8 @@ def export(
 def flip_bundle(
     source: Annotated[Path, typer.Argument(help="A re-ID bundle (e.g. models_store/reid-256x128).")],
     name: Annotated[str, typer.Option(help="Name of the new bundle (e.g. reid-flip).")],
-    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    store: Store = Path("models_store"),
+    force: Force = False,
     metrics_from: Annotated[
         Path | None,
         typer.Option(
@@ -101,8 +104,8 @@ def ensemble_bundle(
         list[float] | None,
         typer.Option(help="Each member's weight, in order (normalised to sum 1; default equal)."),
     ] = None,
-    store: Annotated[Path, typer.Option(help="Folder of bundles.")] = Path("models_store"),
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
+    store: Store = Path("models_store"),
+    force: Force = False,
     metrics_from: Annotated[
         Path | None,
         typer.Option(
