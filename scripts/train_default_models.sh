@@ -58,7 +58,7 @@ reid_run() {  # reid_run INPUT_SIZE [ARGS]: the recipe on the split, validated w
 }
 
 # The default reid bundle is the 256x128 and the 128x64 networks as one (reid-train ensemble-bundle),
-# their similarities weighted 0.6 / 0.4: +0.019 default-path mAP and +0.014 rank-1 on the distractor
+# their similarities weighted 0.6 / 0.4: +0.008 default-path mAP and +0.017 rank-1 on the distractor
 # validation over the 256x128 network alone, for 1.4x its cost on ONNX Runtime (docs/models.md).
 ENSEMBLE_WEIGHTS=(--weight 0.6 --weight 0.4)
 
