@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.bundle import EmbeddingSpec, Manifest, read_manifest
 from app.nets.bundles import load_bundle, save_bundle
-from app.nets.ensemble import ENSEMBLE, ReIDEnsemble
+from app.nets.ensemble import ENSEMBLE, ReIDEnsemble, is_ensemble
 from training.export import (
     DEFAULT_STORE,
     ExportError,
@@ -46,7 +46,7 @@ def ensemble_bundle(
     for source, manifest in zip(sources, manifests, strict=True):
         if manifest.task != "reid":
             raise ExportError(f"{source} is a {manifest.task} bundle; ensembles are of re-ID bundles")
-        if manifest.architecture.get(ENSEMBLE):
+        if is_ensemble(manifest.architecture):
             raise ExportError(f"{source} is an ensemble already; name its members instead")
     first = manifests[0]
     trained_all = any(m.training_config.get("train_all") for m in manifests)

@@ -28,6 +28,7 @@ import torch
 from app.attribute_schema import schema_as_dict
 from app.bundle import Manifest
 from app.nets.bundles import build_network, load_bundle, save_bundle
+from app.nets.ensemble import is_ensemble
 from training.engine import BEST, COMMANDS_FILE, load_checkpoint
 from training.onnx_export import add_onnx
 
@@ -257,7 +258,7 @@ def flip_bundle(
         raise ExportError(f"{source} is a {manifest.task} bundle; test-time flip is for re-ID bundles")
     if manifest.architecture.get("flip_average"):
         raise ExportError(f"{source} already embeds with test-time flip")
-    if manifest.architecture.get("ensemble"):
+    if is_ensemble(manifest.architecture):
         raise ExportError(f"{source} is an ensemble: flip its members before building it")
     split = split_manifest(
         metrics_from,
